@@ -1,0 +1,724 @@
+"""BriLLM: a graph language model with one node per token and a signal that flows along edges.
+
+Numerics follow the reference code (brillm05/BriLLM0.5) to float32 rounding; see ``SPEC.md``.
+
+Notation used in shape comments: B batch, T chunk length, d hidden size, V vocabulary (nodes), P slots,
+N scored positions, M owned (position, target) pairs.
+
+This file is copied next to the weights by ``save_pretrained`` and loaded as remote code: it imports only
+torch, transformers and its flat sibling ``configuration_brillm``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.logits_process import LogitsProcessor
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from .configuration_brillm import BriLLMConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Positional encoding
+
+
+_POSITIONAL_TABLES = {}
+
+
+def sinusoidal_positions(length, hidden_size, device):
+    """The reference positional encoding for positions ``0 .. length-1``: (length, hidden_size) float32.
+
+    It *multiplies* the position by ``10000 ** (2k / d)`` (the usual encoding divides), so its arguments are
+    huge and the values depend on float32 rounding: this is the reference's exact float32 expression.
+    Tables are cached per device and grown in blocks of 512 rows as longer texts arrive.
+    """
+    key = (hidden_size, str(device))
+    table = _POSITIONAL_TABLES.get(key)
+    if table is None or table.shape[0] < length:
+        rows = max(512, -(-length // 512) * 512)
+        position = torch.arange(0, rows).reshape(-1, 1)
+        div_term = 10000.0 ** (torch.arange(0, hidden_size, 2) / hidden_size)
+        table = torch.zeros(rows, hidden_size)
+        table[:, 0::2] = torch.sin(position * div_term)
+        table[:, 1::2] = torch.cos(position * div_term)
+        table = table.to(device)
+        _POSITIONAL_TABLES[key] = table
+    return table[:length]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The edge graph
+
+
+def dense_graph(vocab_size):
+    """CSR slot map of the dense graph (every edge owns a slot): ``(row_ptr (V+1,) int64, col_idx (V*V,) int32)``."""
+    row_ptr = torch.arange(0, vocab_size + 1, dtype=torch.int64) * vocab_size
+    col_idx = torch.arange(vocab_size, dtype=torch.int32).repeat(vocab_size)
+    return row_ptr, col_idx
+
+
+class BriLLMEdgeGraph(nn.Module):
+    """Which edges own a parameter slot, as CSR buffers saved with the weights.
+
+    Slots are numbered row-major in node-id order: source ``s`` owns slots ``1 + row_ptr[s] .. row_ptr[s+1]``
+    (one contiguous slab of ``weights``), whose targets are the sorted ``col_idx[row_ptr[s]:row_ptr[s+1]]``.
+    Every other edge uses the shared slot 0.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_brillm.modeling_brillm import BriLLMEdgeGraph
+    >>> graph = BriLLMEdgeGraph(vocab_size=3, num_slots=4)
+    >>> graph.set_graph(torch.tensor([0, 2, 2, 3]), torch.tensor([0, 2, 1], dtype=torch.int32))
+    >>> graph.slots(torch.tensor([0, 0, 1, 2]), torch.tensor([2, 1, 1, 1])).tolist()  # 0->1 and 1->1 are shared
+    [2, 0, 0, 3]
+    ```
+    """
+
+    def __init__(self, vocab_size, num_slots):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.num_slots = num_slots
+        if num_slots == 1 + vocab_size * vocab_size:
+            row_ptr, col_idx = dense_graph(vocab_size)
+        else:  # filled by set_graph() or by loading a checkpoint
+            row_ptr = torch.zeros(vocab_size + 1, dtype=torch.int64)
+            col_idx = torch.zeros(num_slots - 1, dtype=torch.int32)
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("col_idx", col_idx)
+        self._checked = False
+        self._edge_keys = None
+
+    def set_graph(self, row_ptr, col_idx):
+        """Install a CSR slot map (validated; raises `ValueError` when it does not fit this graph)."""
+        row_ptr = torch.as_tensor(row_ptr, dtype=torch.int64)
+        col_idx = torch.as_tensor(col_idx, dtype=torch.int32)
+        self._validate(row_ptr, col_idx)
+        with torch.no_grad():
+            self.row_ptr.copy_(row_ptr)
+            self.col_idx.copy_(col_idx)
+        self._checked = True
+        self._edge_keys = None
+
+    def check(self):
+        """Validate the buffers once (after construction or loading); raises `ValueError` if they are unusable."""
+        if not self._checked:
+            self._validate(self.row_ptr, self.col_idx)
+            self._checked = True
+            self._edge_keys = None
+
+    def _validate(self, row_ptr, col_idx):
+        V, own = self.vocab_size, self.num_slots - 1
+        if tuple(row_ptr.shape) != (V + 1,) or tuple(col_idx.shape) != (own,):
+            raise ValueError(
+                f"edge graph buffers have shapes row_ptr {tuple(row_ptr.shape)} and col_idx {tuple(col_idx.shape)}, "
+                f"but the config says vocab_size={V} and num_slots={self.num_slots}: expected row_ptr ({V + 1},) "
+                f"and col_idx ({own},). The checkpoint and its config.json do not belong together."
+            )
+        if row_ptr.device.type == "meta":
+            return
+        if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != own or bool((row_ptr[1:] < row_ptr[:-1]).any()):
+            raise ValueError(
+                f"edge graph row_ptr must start at 0, never decrease and end at num_slots - 1 = {own}; it ends at "
+                f"{int(row_ptr[-1])}. If this is a sparse model, build the graph with set_graph()/from_graph() "
+                "or load it from a checkpoint that contains it."
+            )
+        if own == 0:
+            return
+        if int(col_idx.min()) < 0 or int(col_idx.max()) >= V:
+            raise ValueError(f"edge graph col_idx holds targets outside [0, {V}).")
+        keys = _edge_keys(row_ptr, col_idx, V)
+        if bool((keys[1:] <= keys[:-1]).any()):
+            raise ValueError("edge graph col_idx must be strictly increasing within each source row (no duplicates).")
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._checked = False
+        self._edge_keys = None
+
+    def degrees(self):
+        """Number of owned out-edges of every node: (V,) int64."""
+        return self.row_ptr[1:] - self.row_ptr[:-1]
+
+    def slots(self, sources, targets):
+        """Slot of each edge ``sources[i] -> targets[i]`` (any shape; 0 where the edge is shared)."""
+        if self._edge_keys is None or self._edge_keys.device != self.row_ptr.device:
+            self._edge_keys = _edge_keys(self.row_ptr, self.col_idx, self.vocab_size)
+        keys = sources.long() * self.vocab_size + targets.long()
+        if self._edge_keys.numel() == 0:
+            return torch.zeros_like(keys)
+        found = torch.searchsorted(self._edge_keys, keys)
+        hit = self._edge_keys[found.clamp(max=self._edge_keys.numel() - 1)] == keys
+        return torch.where(hit, found + 1, torch.zeros_like(found))
+
+
+def _edge_keys(row_ptr, col_idx, vocab_size):
+    """``source * V + target`` of every owned edge, in slot order (sorted for a valid graph): (P-1,) int64."""
+    sources = torch.repeat_interleave(torch.arange(vocab_size, device=row_ptr.device), row_ptr[1:] - row_ptr[:-1])
+    return sources * vocab_size + col_idx.long()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The SiFu cache: the whole generation state, O(d) per sequence
+
+
+class BriLLMCache:
+    """The signal-flow state of a batch of texts: everything BriLLM needs to score the next token.
+
+    The signal leaving token ``k`` (k >= 1) is the softmax(positional logits)-weighted mean of the energies of
+    the edges travelled so far, kept as a running numerator/denominator (rescaled by their running maximum
+    logit, so nothing overflows). With the last token and the count of tokens this is the whole state: it does
+    not grow with the text, so generation has no length limit and a constant cost per token.
+
+    Attributes:
+        signal: (B, d) signal that will leave the last token.
+        numerator: (B, d) sum of ``exp(p_j - max_logit) * E_j`` over travelled edges ``j``.
+        denominator: (B,) sum of ``exp(p_j - max_logit)``.
+        max_logit: (B,) running maximum positional logit (no gradient flows through it).
+        last_token: (B,) last real token, -1 before the first.
+        num_tokens: (B,) real (unmasked) tokens consumed.
+        seen_positions: columns of ``input_ids`` consumed, padding included (what ``generate`` expects).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
+    >>> model = BriLLMForCausalLM(BriLLMConfig(vocab_size=16, hidden_size=4)).eval()
+    >>> out = model(torch.tensor([[3, 5, 7]]), use_cache=True)
+    >>> cache = out.past_key_values
+    >>> cache.get_seq_length(), cache.signal.shape
+    (3, torch.Size([1, 4]))
+    >>> step = model(torch.tensor([[2]]), past_key_values=cache)  # scores the token after 3 5 7 2
+    >>> step.logits.shape
+    torch.Size([1, 1, 16])
+    ```
+    """
+
+    is_compileable = False
+    is_linear = [False]
+
+    def __init__(self, batch_size, hidden_size, device=None, dtype=torch.float32):
+        self.signal = torch.zeros(batch_size, hidden_size, device=device, dtype=dtype)
+        self.numerator = torch.zeros(batch_size, hidden_size, device=device, dtype=dtype)
+        self.denominator = torch.zeros(batch_size, device=device, dtype=dtype)
+        self.max_logit = torch.zeros(batch_size, device=device, dtype=dtype)
+        self.last_token = torch.full((batch_size,), -1, device=device, dtype=torch.long)
+        self.num_tokens = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.seen_positions = 0
+
+    _TENSORS = ("signal", "numerator", "denominator", "max_logit", "last_token", "num_tokens")
+
+    @property
+    def batch_size(self):
+        return self.signal.shape[0]
+
+    def get_seq_length(self, layer_idx=0):
+        return self.seen_positions
+
+    def _map(self, fn):
+        for name in self._TENSORS:
+            setattr(self, name, fn(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx):
+        """Select rows in place (beam search)."""
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices):
+        self._map(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats):
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def __repr__(self):
+        return f"BriLLMCache(batch_size={self.batch_size}, seen_positions={self.seen_positions})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring every target of many positions: one slab GEMM per source node
+
+
+@dataclass
+class _ScoringPlan:
+    """Positions grouped by source node, and where each owned (position, target) score goes."""
+
+    order: torch.Tensor  # (N,) positions sorted by source
+    groups: list  # [(slab_start, slab_end, first, count)] per distinct source; slab = weights[1 + start : 1 + end]
+    pair_position: torch.Tensor  # (M,) position of each owned score, in the order the kernel writes them
+    pair_target: torch.Tensor  # (M,) its target node
+
+
+def _plan_scoring(graph, sources):
+    order = torch.argsort(sources, stable=True)
+    sorted_sources = sources[order]
+    distinct, counts = torch.unique_consecutive(sorted_sources, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    groups = list(
+        zip(
+            graph.row_ptr[distinct].tolist(),
+            graph.row_ptr[distinct + 1].tolist(),
+            starts.tolist(),
+            counts.tolist(),
+        )
+    )
+    # Pairs: for each sorted position, all owned targets of its source, position-major.
+    degree = graph.row_ptr[sorted_sources + 1] - graph.row_ptr[sorted_sources]  # (N,)
+    pair_position = torch.repeat_interleave(order, degree)
+    first_pair = torch.cumsum(degree, 0) - degree
+    rank_in_row = torch.arange(pair_position.numel(), device=sources.device) - torch.repeat_interleave(first_pair, degree)
+    pair_target = graph.col_idx[torch.repeat_interleave(graph.row_ptr[sorted_sources], degree) + rank_in_row].long()
+    return _ScoringPlan(order, groups, pair_position, pair_target)
+
+
+def _compute_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _EdgeScores(torch.autograd.Function):
+    """Scores ``||GELU(x W + b + pe)||`` of every owned edge of each position's source, and of the shared slot.
+
+    Forward reads each source's slab of ``weights`` as a view (one batched GEMM for all positions of that
+    source); backward recomputes the energies and writes the slab gradients directly, so autograd never
+    materialises a full-size gradient per slab.
+    Inputs are sorted by source (``plan.order``); outputs: owned scores (M,) in plan pair order, shared (N,).
+    """
+
+    @staticmethod
+    def forward(ctx, signal, pe, weights, biases, plan):
+        ctx.save_for_backward(signal, pe, weights, biases)
+        ctx.plan = plan
+        compute = _compute_dtype(weights.dtype)
+        shared = _slab_energies(signal, pe, weights[0:1], biases[0:1], compute)[1][0]  # (N,)
+        owned = signal.new_empty(plan.pair_position.numel(), dtype=compute)
+        offset = 0
+        for lo, hi, first, count in plan.groups:
+            if hi == lo:
+                continue
+            rows = slice(first, first + count)
+            scores = _slab_energies(signal[rows], pe[rows], weights[1 + lo : 1 + hi], biases[1 + lo : 1 + hi], compute)[1]
+            owned[offset : offset + scores.numel()] = scores.t().reshape(-1)  # position-major
+            offset += scores.numel()
+        return owned, shared
+
+    @staticmethod
+    def backward(ctx, grad_owned, grad_shared):
+        signal, pe, weights, biases = ctx.saved_tensors
+        plan = ctx.plan
+        compute = _compute_dtype(weights.dtype)
+        need_x, _, need_w, need_b, _ = ctx.needs_input_grad
+        grad_signal = torch.zeros_like(signal, dtype=compute)
+        grad_weights = torch.zeros_like(weights) if need_w else None
+        grad_biases = torch.zeros_like(biases) if need_b else None
+
+        def slab_backward(rows, lo, hi, grad_scores):  # grad_scores (m, n)
+            x = signal[rows].to(compute)
+            w = weights[lo:hi].to(compute)
+            z, scores, y = _slab_energies(signal[rows], pe[rows], weights[lo:hi], biases[lo:hi], compute, keep=True)
+            grad_y = (grad_scores / scores.clamp_min(torch.finfo(compute).tiny)).unsqueeze(-1) * y
+            grad_z = torch.ops.aten.gelu_backward(grad_y, z)  # (m, n, d)
+            if need_x:
+                grad_signal[rows] += torch.matmul(grad_z, w.transpose(1, 2)).sum(0)
+            if need_w:
+                grad_weights[lo:hi] += torch.matmul(x.t(), grad_z).to(weights.dtype)
+            if need_b:
+                grad_biases[lo:hi] += grad_z.sum(1, keepdim=True).to(biases.dtype)
+
+        slab_backward(slice(None), 0, 1, grad_shared.unsqueeze(0))
+        offset = 0
+        for lo, hi, first, count in plan.groups:
+            if hi == lo:
+                continue
+            size = (hi - lo) * count
+            grad = grad_owned[offset : offset + size].view(count, hi - lo).t()
+            slab_backward(slice(first, first + count), 1 + lo, 1 + hi, grad)
+            offset += size
+        return grad_signal.to(signal.dtype) if need_x else None, None, grad_weights, grad_biases, None
+
+
+def _slab_energies(x, pe, slab_weights, slab_biases, compute, keep=False):
+    """Energies of n positions through m edges: x (n, d), pe (n, d), slab (m, d, d), (m, 1, d).
+
+    Returns ``(z, scores, y)`` with z, y (m, n, d) pre-/post-GELU and scores (m, n) = ||y||; z and y are
+    dropped unless ``keep`` (forward only needs the scores).
+    """
+    z = torch.matmul(x.to(compute), slab_weights.to(compute))  # (m, n, d)
+    z += slab_biases.to(compute)
+    z += pe.to(compute)
+    y = F.gelu(z)
+    scores = torch.linalg.vector_norm(y, dim=-1)
+    return (z, scores, y) if keep else (None, scores, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class BriLLMModelOutput(ModelOutput):
+    """Output of `BriLLMModel`.
+
+    Args:
+        last_hidden_state: (B, T, d) the signal leaving each token (the input of its out-edges).
+        energies: (B, T, d) the energy each token received: ``GELU(1/d + node_bias + PE[0])`` for a text's first
+            token, else the energy of the edge that arrived at it. Zero at padding.
+        signal_positions: (B, T) index of the edge leaving each token within its text (0 for the first
+            token's out-edge), -1 at padding.
+        cache: the `BriLLMCache` after this chunk, when ``use_cache``.
+        hidden_states: ``(last_hidden_state,)`` when ``output_hidden_states``.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    energies: torch.Tensor | None = None
+    signal_positions: torch.Tensor | None = None
+    cache: BriLLMCache | None = None
+    hidden_states: tuple | None = None
+
+
+class BriLLMPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading shared by the BriLLM models."""
+
+    config_class = BriLLMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = []
+    _is_stateful = False
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, BriLLMModel):
+            r = self.config.initializer_range
+            for tensor in (module.weights, module.biases, module.node_bias):
+                if not getattr(tensor, "_is_hf_initialized", False):
+                    tensor.uniform_(-r, r)
+            if not getattr(module.positions, "_is_hf_initialized", False):
+                module.positions.fill_(self.config.position_init)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.get_edge_graph().check()
+        return model
+
+    def get_edge_graph(self):
+        """The model's `BriLLMEdgeGraph` (slot map)."""
+        return self.base_model.graph
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # One checkpoint serves AutoConfig, AutoModel and AutoModelForCausalLM as remote code.
+        self.config.auto_map = {
+            "AutoConfig": "configuration_brillm.BriLLMConfig",
+            "AutoModel": "modeling_brillm.BriLLMModel",
+            "AutoModelForCausalLM": "modeling_brillm.BriLLMForCausalLM",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class BriLLMModel(BriLLMPreTrainedModel):
+    r"""The BriLLM graph: node biases, edge slots, positional weights, and the signal recurrence.
+
+    Parameters (names and shapes of the reference checkpoint):
+    ``weights`` (P, d, d) edge matrices applied as ``x @ W``; ``biases`` (P, 1, d); ``node_bias`` (V, 1, d),
+    used only to start the signal at a text's first token; ``positions`` (1, max_position_embeddings, 1), the
+    logits of the softmax that weights earlier edge energies. The slot map is ``graph`` (`BriLLMEdgeGraph`).
+
+    ``forward`` returns the signal leaving each token (``last_hidden_state``) and the energies of the path
+    travelled; `BriLLMForCausalLM` turns signals into next-token scores with `score_next`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_brillm import BriLLMConfig, BriLLMModel
+    >>> model = BriLLMModel(BriLLMConfig(vocab_size=16, hidden_size=4))
+    >>> out = model(torch.tensor([[1, 2, 3]]))
+    >>> out.last_hidden_state.shape, out.signal_positions.tolist()
+    (torch.Size([1, 3, 4]), [[0, 1, 2]])
+    >>> model.score_next(torch.tensor([[3]]), out.last_hidden_state[:, -1:], out.signal_positions[:, -1:]).shape
+    torch.Size([1, 1, 16])
+    ```
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        V, d, P = config.vocab_size, config.hidden_size, config.num_slots
+        self.weights = nn.Parameter(torch.empty(P, d, d))
+        self.biases = nn.Parameter(torch.empty(P, 1, d))
+        self.node_bias = nn.Parameter(torch.empty(V, 1, d))
+        self.positions = nn.Parameter(torch.empty(1, config.max_position_embeddings, 1))
+        self.graph = BriLLMEdgeGraph(V, P)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        cache=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        self.graph.check()
+        cache = _pick_cache(past_key_values, cache)
+        input_ids, mask = self._check_inputs(input_ids, attention_mask, cache)
+        if use_cache is None:
+            use_cache = not self.training
+        if cache is None:
+            compute = _compute_dtype(self.weights.dtype)
+            cache = BriLLMCache(input_ids.shape[0], self.config.hidden_size, input_ids.device, compute)
+        signals, energies, positions = self._flow(input_ids, mask, cache)
+        return BriLLMModelOutput(
+            last_hidden_state=signals,
+            energies=energies,
+            signal_positions=positions,
+            cache=cache if use_cache else None,
+            hidden_states=(signals,) if output_hidden_states else None,
+        )
+
+    def _check_inputs(self, input_ids, attention_mask, cache):
+        if input_ids is None:
+            raise ValueError("BriLLM needs input_ids (B, T) of token ids; inputs_embeds are not supported.")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor of token ids; got {type(input_ids).__name__}.")
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, length); got {tuple(input_ids.shape)}. "
+                "For one text use input_ids.unsqueeze(0)."
+            )
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token.")
+        V = self.config.vocab_size
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= V:
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids contains token id {bad}, outside this model's vocabulary [0, {V}).")
+        B, T = input_ids.shape
+        past = cache.seen_positions if cache is not None else 0
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"the cache holds {cache.batch_size} texts but input_ids has batch size {B}.")
+        if attention_mask is None:
+            return input_ids, torch.ones_like(input_ids, dtype=torch.bool)
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            raise ValueError("attention_mask must be a (batch, length) tensor of 0/1.")
+        if attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+            expected = f"({B}, {T})" + (f" or ({B}, {past + T})" if past else "")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}: "
+                f"expected {expected}."
+            )
+        mask = attention_mask[:, -T:]
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token).")
+        return input_ids, mask.bool()
+
+    def _flow(self, input_ids, mask, cache):
+        """Advance ``cache`` over a chunk, left to right; padded positions leave the state unchanged.
+
+        Returns signals (B, T, d), energies (B, T, d) and the index of each token's out-edge (B, T).
+        """
+        B, T = input_ids.shape
+        d, V = self.config.hidden_size, self.config.vocab_size
+        compute = cache.signal.dtype
+        device = input_ids.device
+        steps = mask.long()
+        tokens_before = cache.num_tokens[:, None] + torch.cumsum(steps, 1) - steps  # (B, T)
+        # Previous real token of each position (the source of the edge that arrives there).
+        column = torch.arange(T, device=device).expand(B, T)
+        last_real = torch.cummax(torch.where(mask, column, torch.full_like(column, -1)), dim=1).values
+        prev_column = torch.cat([torch.full_like(last_real[:, :1], -1), last_real[:, :-1]], dim=1)
+        prev_token = torch.where(
+            prev_column >= 0, input_ids.gather(1, prev_column.clamp(min=0)), cache.last_token[:, None]
+        )
+        arriving_edge = (tokens_before - 1).clamp(min=0)  # index of the edge that arrives at each position
+        # One gather for all arriving edges (per-step indexing of a Parameter would cost a full-size grad each).
+        slots = self.graph.slots(prev_token.clamp(min=0), input_ids).reshape(-1)
+        edge_w = self.weights.index_select(0, slots).view(B, T, d, d).to(compute)
+        edge_b = self.biases.index_select(0, slots).view(B, T, d).to(compute)
+        last_pe = int(arriving_edge.max()) + max(self.config.position_shift, 1) + 1
+        pe_table = sinusoidal_positions(last_pe, d, device).to(compute)
+        edge_pe = pe_table[arriving_edge + self.config.position_shift]  # (B, T, d)
+        max_learned = self.config.max_position_embeddings - 1
+        edge_logit = self.positions.view(-1)[arriving_edge.clamp(max=max_learned)].to(compute)  # (B, T)
+        start = F.gelu(1.0 / d + self.node_bias.view(V, d)[input_ids].to(compute) + pe_table[0])  # (B, T, d)
+
+        signals, energies = [], []
+        for t in range(T):
+            present = mask[:, t]
+            is_first = present & (tokens_before[:, t] == 0)
+            is_edge = present & (tokens_before[:, t] > 0)
+            energy = F.gelu(
+                torch.bmm(cache.signal.unsqueeze(1), edge_w[:, t]).squeeze(1) + edge_b[:, t] + edge_pe[:, t]
+            )  # (B, d)
+            # Running softmax over positional logits, rescaled by the running maximum (never overflows).
+            logit = edge_logit[:, t]
+            new_max = torch.where(cache.denominator > 0, torch.maximum(cache.max_logit, logit), logit).detach()
+            rescale = torch.exp((cache.max_logit - new_max).clamp(max=0))
+            weight = torch.exp(logit - new_max)
+            numerator = cache.numerator * rescale[:, None] + weight[:, None] * energy
+            denominator = cache.denominator * rescale + weight
+            edge_rows, first_rows = is_edge[:, None], is_first[:, None]
+            cache.signal = torch.where(
+                edge_rows, numerator / denominator[:, None], torch.where(first_rows, start[:, t], cache.signal)
+            )
+            cache.numerator = torch.where(edge_rows, numerator, cache.numerator)
+            cache.denominator = torch.where(is_edge, denominator, cache.denominator)
+            cache.max_logit = torch.where(is_edge, new_max, cache.max_logit)
+            signals.append(cache.signal)
+            energies.append(
+                torch.where(edge_rows, energy, torch.where(first_rows, start[:, t], torch.zeros_like(energy)))
+            )
+        cache.last_token = torch.where(mask.any(1), input_ids.gather(1, last_real[:, -1:].clamp(min=0))[:, 0], cache.last_token)
+        cache.num_tokens = cache.num_tokens + steps.sum(1)
+        cache.seen_positions += T
+        signal_positions = torch.where(mask, tokens_before, torch.full_like(tokens_before, -1))
+        return torch.stack(signals, 1), torch.stack(energies, 1), signal_positions
+
+    def score_next(self, sources, signals, signal_positions):
+        """Full-vocabulary next-token logits: (B, T, V) from sources (B, T), signals (B, T, d), edge indices (B, T).
+
+        ``logits[b, t, v] = ||GELU(x W[slot(u, v)] + b[slot(u, v)] + PE[i + position_shift])||`` with
+        ``u = sources[b, t]``, ``x = signals[b, t]``, ``i = signal_positions[b, t]``. Every shared target of
+        ``u`` takes the one shared-slot score; owned targets are scored one source slab at a time. Positions
+        with ``signal_positions < 0`` (padding) get all-zero logits.
+        """
+        B, T = sources.shape
+        V, d = self.config.vocab_size, self.config.hidden_size
+        valid = (signal_positions >= 0).reshape(-1)
+        index = valid.nonzero().squeeze(1)
+        flat_sources = sources.reshape(-1)[index]
+        flat_positions = signal_positions.reshape(-1)[index] + self.config.position_shift
+        x = signals.reshape(-1, d)[index]
+        if index.numel() == 0:
+            return signals.new_zeros(B, T, V, dtype=torch.float32)
+        plan = _plan_scoring(self.graph, flat_sources)
+        pe = sinusoidal_positions(int(flat_positions.max()) + 1, d, x.device)[flat_positions[plan.order]]
+        owned, shared = _EdgeScores.apply(x[plan.order], pe, self.weights, self.biases, plan)
+        shared = shared[torch.argsort(plan.order)]  # back to position order, (N,)
+        logits = shared[:, None].expand(index.numel(), V)
+        logits = logits.index_put((plan.pair_position, plan.pair_target), owned)  # (N, V)
+        full = logits.new_zeros(B * T, V).index_copy(0, index, logits)
+        return full.view(B, T, V).float()
+
+
+class _SuppressSelfLoop(LogitsProcessor):
+    """Never propose the current token as the next one (the reference decoder's rule)."""
+
+    def __call__(self, input_ids, scores):
+        return scores.scatter(1, input_ids[:, -1:], float("-inf"))
+
+
+class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
+    r"""BriLLM with next-token logits, the causal-LM loss and ``generate``.
+
+    ``logits[:, i]`` scores the token after ``input_ids[:, i]`` over the whole vocabulary (the score of a target
+    is the norm of the energy its edge lets through). ``labels`` follow the Hugging Face convention (equal to
+    ``input_ids``, shifted inside, -100 ignored). The generation state is a `BriLLMCache` of O(d) per text.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> model = BriLLMForCausalLM(BriLLMConfig(vocab_size=16, hidden_size=4)).eval()
+    >>> ids = torch.tensor([[1, 2, 3, 4]])
+    >>> out = model(ids, labels=ids)
+    >>> out.logits.shape, out.loss.ndim
+    (torch.Size([1, 4, 16]), 0)
+    >>> model.generate(ids, max_new_tokens=5, do_sample=False).shape
+    torch.Size([1, 9])
+    ```
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = BriLLMModel(config)
+        self.post_init()
+
+    @classmethod
+    def from_graph(cls, config, row_ptr, col_idx):
+        """A freshly initialised model (reference init) on the given CSR slot map.
+
+        ``config.num_slots`` must equal ``1 + len(col_idx)``.
+        """
+        if config.num_slots != 1 + len(col_idx):
+            raise ValueError(
+                f"config.num_slots={config.num_slots} but the graph owns {len(col_idx)} edges: "
+                f"set num_slots={1 + len(col_idx)}."
+            )
+        model = cls(config)
+        model.get_edge_graph().set_graph(row_ptr, col_idx)
+        return model
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        past_key_values=None,
+        cache=None,
+        use_cache=None,
+        logits_to_keep=0,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.model.score_next(
+            input_ids[:, keep], outputs.last_hidden_state[:, keep], outputs.signal_positions[:, keep]
+        )
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}.")
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        return False  # forward creates its own BriLLMCache
+
+    def _get_logits_processor(self, generation_config, *args, **kwargs):
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        if self.config.suppress_self_loop:
+            processors.insert(0, _SuppressSelfLoop())
+        return processors
+
+
+def _pick_cache(past_key_values, cache):
+    """The state passed under either name (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    for state in (cache, past_key_values):
+        if isinstance(state, BriLLMCache):
+            return state
+    return None  # nothing, or a foreign cache object such as an empty DynamicCache: start fresh
+
+
+BriLLMModel.register_for_auto_class("AutoModel")
+BriLLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "BriLLMCache",
+    "BriLLMEdgeGraph",
+    "BriLLMForCausalLM",
+    "BriLLMModel",
+    "BriLLMPreTrainedModel",
+    "dense_graph",
+    "sinusoidal_positions",
+]
