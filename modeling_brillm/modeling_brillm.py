@@ -404,6 +404,13 @@ class BriLLMPreTrainedModel(PreTrainedModel):
         model.get_edge_graph().check()
         return model
 
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info, *args, **kwargs):
+        # transformers 5 hook, run after the checkpoint tensors are read and before mismatched or missing ones are
+        # re-initialised: stop there with a clear error instead (see `_check_checkpoint_fits_config`).
+        _check_checkpoint_fits_config(model, load_config, loading_info)
+        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info, *args, **kwargs)
+
     def get_edge_graph(self):
         """The model's `BriLLMEdgeGraph` (slot map)."""
         return self.base_model.graph
@@ -708,6 +715,46 @@ def _pick_cache(past_key_values, cache):
         if isinstance(state, BriLLMCache):
             return state
     return None  # nothing, or a foreign cache object such as an empty DynamicCache: start fresh
+
+
+def _check_checkpoint_fits_config(model, load_config, loading_info):
+    """Raise `ValueError` when the checkpoint's tensors do not fit the config the model was built from.
+
+    transformers would re-initialise a tensor whose shape differs (after an unhelpful `RuntimeError`, or
+    silently with ``ignore_mismatched_sizes=True``) and leave absent buffers as uninitialised memory. The edge
+    matrices, node biases and slot map only mean something together, so a mismatch there is always an error;
+    ``positions`` may still be re-initialised on request (``ignore_mismatched_sizes=True``).
+    """
+    config = model.config
+    prefix = model.base_model_prefix + "."
+    problems, saved = [], {}
+    for key, checkpoint_shape, model_shape in sorted(getattr(loading_info, "mismatched_keys", ())):
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if name == "positions" and getattr(load_config, "ignore_mismatched_sizes", False):
+            continue
+        checkpoint_shape, model_shape = tuple(checkpoint_shape), tuple(model_shape)
+        problems.append(f"{key} is {checkpoint_shape} in the checkpoint but the config needs {model_shape}")
+        if name in ("weights", "biases"):
+            saved["num_slots"] = checkpoint_shape[0]
+        elif name == "graph.col_idx":
+            saved["num_slots"] = checkpoint_shape[0] + 1
+        elif name in ("node_bias", "graph.row_ptr"):
+            saved["vocab_size"] = checkpoint_shape[0] - (name == "graph.row_ptr")
+        elif name == "positions":
+            saved["max_position_embeddings"] = checkpoint_shape[1]
+    for key in sorted(getattr(loading_info, "missing_keys", ())):
+        if (key[len(prefix) :] if key.startswith(prefix) else key).startswith("graph."):
+            problems.append(f"{key} (the slot map) is missing from the checkpoint")
+    if problems:
+        hint = ", ".join(f"{name}={value} (config.json: {getattr(config, name)})" for name, value in saved.items())
+        raise ValueError(
+            f"the checkpoint does not fit its config (vocab_size={config.vocab_size}, hidden_size="
+            f"{config.hidden_size}, num_slots={config.num_slots}, max_position_embeddings="
+            f"{config.max_position_embeddings}): " + "; ".join(problems) + "."
+            + (f" The tensors were saved with {hint}." if hint else "")
+            + " A BriLLM config.json must match the weights and slot map saved with it; do not edit num_slots "
+            "or vocab_size by hand."
+        )
 
 
 BriLLMModel.register_for_auto_class("AutoModel")

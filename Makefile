@@ -1,0 +1,29 @@
+# `make demo` and `make test` set everything up themselves on a fresh machine (Python 3.11 + pip).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FIXTURE := tests/fixtures/official-tiny
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml requirements-ci.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-ci.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job: convert the bundled reference-format checkpoint, then generate from it.
+demo: setup
+	$(PY) conversion/convert_official_checkpoint.py --checkpoint $(FIXTURE)/model.bin --vocab $(FIXTURE)/vocab.json \
+		--frequencies $(FIXTURE)/word_frequency.json --output outputs/official-tiny
+	$(VENV)/bin/brillm generate outputs/official-tiny --prompt-ids 17,61,61 --max-new-tokens 16 --vocab $(FIXTURE)/vocab.json
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,81 @@
+"""The ``brillm`` command line.
+
+    brillm generate MODEL_DIR --prompt "In frogs, the hind legs" --max-new-tokens 32 [--do-sample --top-p 0.9]
+    brillm generate MODEL_DIR --prompt-ids 17,61,61 --vocab vocab.json
+"""
+
+import argparse
+import json
+import sys
+
+
+def _generate(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    import modeling_brillm  # noqa: F401  (registers BriLLM with the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=False)
+    except (OSError, ValueError, TypeError):
+        pass  # a converted model whose vocabulary had no tokenizer: ids only
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise SystemExit(f"error: {args.model_dir} has no tokenizer; give --prompt-ids instead of --prompt.")
+        input_ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    else:
+        input_ids = torch.tensor([[int(i) for i in args.prompt_ids.split(",")]])
+    id_to_token = None
+    if args.vocab:
+        with open(args.vocab, encoding="utf-8") as f:
+            id_to_token = {index: token for token, index in json.load(f).items()}
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if tokenizer is not None and args.num_beams == 1 else None
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    sampling = {name: value for name, value in sampling.items() if value is not None and args.do_sample}
+    with torch.no_grad():
+        output = model.generate(
+            input_ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            num_beams=args.num_beams,
+            streamer=streamer,
+            **sampling,
+        )
+    ids = output[0].tolist()
+    print("ids:", " ".join(map(str, ids)))
+    if id_to_token is not None:
+        print("tokens:", " ".join(id_to_token.get(i, "?") for i in ids))
+        print("text:", "".join(id_to_token.get(i, "?") for i in ids).replace("\u0120", " "))
+    elif tokenizer is not None and streamer is None:
+        print(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="brillm", description="BriLLM graph language models")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="continue a prompt with a saved model")
+    generate.add_argument("model_dir", help="a save_pretrained folder (e.g. a converted reference checkpoint)")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the folder)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids")
+    generate.add_argument("--vocab", help="{token: id} json used to print tokens when the folder has no tokenizer")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, help="sampling temperature")
+    generate.add_argument("--top-k", type=int, help="sample among the k best tokens")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling threshold")
+    generate.add_argument("--num-beams", type=int, default=1)
+    generate.add_argument("--seed", type=int)
+    generate.set_defaults(run=_generate)
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
