@@ -698,6 +698,30 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, past_key_values=outputs.cache, hidden_states=outputs.hidden_states
         )
 
+    def sampled_loss(self, input_ids, candidate_ids, attention_mask=None):
+        """The reference training objective: cross-entropy over a few candidates per edge, the true one first.
+
+        ``candidate_ids`` (B, L-1, 1+K) lists, for the edge leaving ``input_ids[:, i]``, the true next token
+        followed by K negatives (the reference draws the K most frequent successors of the source). Scores are
+        the model's exact logits gathered at the candidates; the loss is their mean cross-entropy with label 0
+        over the edges whose both ends are unmasked.
+        """
+        B, L = input_ids.shape
+        if candidate_ids.dim() != 3 or tuple(candidate_ids.shape[:2]) != (B, L - 1):
+            raise ValueError(
+                f"candidate_ids must have shape (batch, length - 1, 1 + K) = ({B}, {L - 1}, 1 + K); "
+                f"got {tuple(candidate_ids.shape)}."
+            )
+        if not torch.equal(candidate_ids[..., 0], input_ids[:, 1:]):
+            raise ValueError("candidate_ids[..., 0] must be the true next tokens input_ids[:, 1:].")
+        logits = self(input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        scores = logits.gather(-1, candidate_ids.long())  # (B, L-1, 1+K)
+        labels = torch.zeros(B, L - 1, dtype=torch.long, device=scores.device)
+        if attention_mask is not None:
+            edge_kept = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+            labels = labels.masked_fill(~edge_kept, -100)
+        return F.cross_entropy(scores.reshape(B * (L - 1), -1), labels.reshape(-1), ignore_index=-100)
+
     @classmethod
     def _supports_default_dynamic_cache(cls):
         return False  # forward creates its own BriLLMCache

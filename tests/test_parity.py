@@ -1,0 +1,132 @@
+"""Parity with the reference code (BriLLM0.5) on tests/fixtures/official-tiny, and the converter's refusals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_brillm import BriLLMForCausalLM, sinusoidal_positions
+
+FIXTURE = Path(__file__).parent / "fixtures" / "official-tiny"
+REPO = Path(__file__).resolve().parent.parent
+CONVERT = REPO / "conversion" / "convert_official_checkpoint.py"
+
+
+def convert(output, checkpoint=FIXTURE / "model.bin", vocab=FIXTURE / "vocab.json",
+            frequencies=FIXTURE / "word_frequency.json", *extra):
+    return subprocess.run(
+        [sys.executable, str(CONVERT), "--checkpoint", str(checkpoint), "--vocab", str(vocab),
+         "--frequencies", str(frequencies), "--output", str(output), *extra],
+        capture_output=True, text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference():
+    fixture = json.loads((FIXTURE / "fixture.json").read_text())
+    return fixture, load_file(FIXTURE / "expected_outputs.safetensors"), load_file(FIXTURE / "expected_grads.safetensors")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted")
+    result = convert(out)
+    assert result.returncode == 0, result.stderr
+    return BriLLMForCausalLM.from_pretrained(out)
+
+
+def test_slot_map_equals_reference(model, reference):
+    fixture, _, _ = reference
+    V = model.config.vocab_size
+    nodes = torch.arange(V)
+    slots = model.get_edge_graph().slots(nodes[:, None].expand(V, V), nodes[None, :].expand(V, V))
+    assert torch.equal(slots, torch.tensor(fixture["slot_matrix"]))
+    assert model.config.num_slots == fixture["config"]["num_param_slots"]
+
+
+def test_positional_encoding(reference):
+    _, expected, _ = reference
+    table = sinusoidal_positions(512, 8, "cpu")
+    # float32 sin/cos of arguments up to ~3e6: at most one ulp apart from the machine that made the fixture
+    assert torch.allclose(table, expected["positional_encoding"].reshape(512, 8), atol=1.2e-7, rtol=0)
+    longer = sinusoidal_positions(2000, 8, "cpu")
+    assert torch.equal(longer[:512], table)
+
+
+def test_full_vocabulary_logits_loss_and_energies(model, reference):
+    fixture, expected, _ = reference
+    ids = torch.tensor(fixture["inputs"]["token_ids"])
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+        base = model.model(ids)
+    assert torch.allclose(out.logits[:, :-1], expected["full_logits"], atol=1e-6, rtol=0)
+    assert abs(out.loss.item() - fixture["full_vocab_forward"]["loss"]) < 1e-5
+    assert torch.allclose(base.energies[:, 0], expected["full_initial_energy"], atol=1e-6, rtol=0)
+    assert torch.allclose(base.energies[:, 1:], expected["full_positive_energies"], atol=2e-6, rtol=0)
+
+
+def test_sampled_loss_and_its_gradients(model, reference):
+    fixture, expected, grads = reference
+    ids = torch.tensor(fixture["inputs"]["token_ids"])
+    candidates = expected["sampled_neighbor_ids"][..., 1]
+    model.zero_grad()
+    loss = model.sampled_loss(ids, candidates)
+    assert abs(loss.item() - fixture["sampled_negatives_forward"]["loss"]) < 1e-5
+    loss.backward()
+    for name in ("weights", "biases", "node_bias", "positions"):
+        got = getattr(model.model, name).grad
+        assert torch.allclose(got, grads[name], atol=1e-7, rtol=1e-5), name
+    # the train.py convention: the last edge of every sample is dropped
+    train_loss = model.sampled_loss(ids[:, :-1], candidates[:, :-1])
+    assert abs(train_loss.item() - fixture["sampled_negatives_forward"]["train_loop_loss"]) < 1e-5
+
+
+def test_sampled_loss_rejects_candidates_without_the_true_token_first(model, reference):
+    fixture, expected, _ = reference
+    ids = torch.tensor(fixture["inputs"]["token_ids"])
+    candidates = expected["sampled_neighbor_ids"][..., 1].flip(-1)
+    with pytest.raises(ValueError, match="true next tokens"):
+        model.sampled_loss(ids, candidates)
+
+
+def test_converter_refuses_slot_count_mismatch(tmp_path):
+    frequencies = json.loads((FIXTURE / "word_frequency.json").read_text())
+    source = next(iter(frequencies))
+    zero_target = next(t for t, c in frequencies[source].items() if c == 0)
+    frequencies[source][zero_target] = 5  # one more owned edge than the checkpoint has slots
+    path = tmp_path / "freq.json"
+    path.write_text(json.dumps(frequencies))
+    result = convert(tmp_path / "out", frequencies=path)
+    assert result.returncode != 0
+    assert "weights.shape[0] == 1 + 1668" in result.stderr
+
+
+def test_converter_refuses_vocabulary_out_of_order(tmp_path):
+    vocab = json.loads((FIXTURE / "vocab.json").read_text())
+    items = list(vocab.items())
+    items[3], items[4] = items[4], items[3]
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps(dict(items)))
+    result = convert(tmp_path / "out", vocab=path)
+    assert result.returncode != 0 and "in file order" in result.stderr
+
+
+def test_converter_refuses_missing_tensors_and_sources(tmp_path):
+    state = torch.load(FIXTURE / "model.bin", weights_only=True)
+    del state["node_bias"]
+    checkpoint = tmp_path / "model.bin"
+    torch.save(state, checkpoint)
+    result = convert(tmp_path / "out", checkpoint=checkpoint)
+    assert result.returncode != 0 and "missing tensors ['node_bias']" in result.stderr
+
+    frequencies = json.loads((FIXTURE / "word_frequency.json").read_text())
+    frequencies.pop("[MASK]")
+    path = tmp_path / "freq.json"
+    path.write_text(json.dumps(frequencies))
+    result = convert(tmp_path / "out2", frequencies=path)
+    assert result.returncode != 0 and "have no entry" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
