@@ -9,6 +9,7 @@ This file is copied next to the weights by ``save_pretrained`` and loaded as rem
 torch, transformers and its flat sibling ``configuration_brillm``.
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +175,10 @@ class BriLLMCache:
     logit, so nothing overflows). With the last token and the count of tokens this is the whole state: it does
     not grow with the text, so generation has no length limit and a constant cost per token.
 
+    The tensors are created by the first forward that uses the cache (an empty cache fits any batch size).
+    For assisted decoding, ``activate_past_recording()`` keeps the state after every position so that
+    ``crop(-n)`` can roll the last n positions back.
+
     Attributes:
         signal: (B, d) signal that will leave the last token.
         numerator: (B, d) sum of ``exp(p_j - max_logit) * E_j`` over travelled edges ``j``.
@@ -201,28 +206,43 @@ class BriLLMCache:
 
     is_compileable = False
     is_linear = [False]
+    is_croppable = True
+    _TENSORS = ("signal", "numerator", "denominator", "max_logit", "last_token", "num_tokens")
 
-    def __init__(self, batch_size, hidden_size, device=None, dtype=torch.float32):
+    def __init__(self):
+        for name in self._TENSORS:
+            setattr(self, name, None)
+        self.seen_positions = 0
+        self.record_past = False
+        self._past = []  # states after each recorded position, oldest first
+
+    def initialize(self, batch_size, hidden_size, device, dtype):
+        """Create the empty state of ``batch_size`` texts (done by the first forward)."""
         self.signal = torch.zeros(batch_size, hidden_size, device=device, dtype=dtype)
         self.numerator = torch.zeros(batch_size, hidden_size, device=device, dtype=dtype)
         self.denominator = torch.zeros(batch_size, device=device, dtype=dtype)
         self.max_logit = torch.zeros(batch_size, device=device, dtype=dtype)
         self.last_token = torch.full((batch_size,), -1, device=device, dtype=torch.long)
         self.num_tokens = torch.zeros(batch_size, device=device, dtype=torch.long)
-        self.seen_positions = 0
+        self._record()
 
-    _TENSORS = ("signal", "numerator", "denominator", "max_logit", "last_token", "num_tokens")
+    @property
+    def is_initialized(self):
+        return self.signal is not None
 
     @property
     def batch_size(self):
-        return self.signal.shape[0]
+        return self.signal.shape[0] if self.is_initialized else None
 
     def get_seq_length(self, layer_idx=0):
         return self.seen_positions
 
     def _map(self, fn):
-        for name in self._TENSORS:
-            setattr(self, name, fn(getattr(self, name)))
+        if self.is_initialized:
+            for name in self._TENSORS:
+                setattr(self, name, fn(getattr(self, name)))
+            self._past = []
+            self._record()
 
     def reorder_cache(self, beam_idx):
         """Select rows in place (beam search)."""
@@ -233,6 +253,35 @@ class BriLLMCache:
 
     def batch_repeat_interleave(self, repeats):
         self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def activate_past_recording(self):
+        """Keep the state after every position from now on, so that `crop` can roll positions back."""
+        self.record_past = True
+        self._past = []
+        self._record()
+
+    def _record(self):
+        if self.record_past and self.is_initialized:
+            self._past.append((self.seen_positions, *(getattr(self, name) for name in self._TENSORS)))
+
+    def crop(self, tokens_to_remove):
+        """Forget the last ``-tokens_to_remove`` positions (a negative int); ``crop(0)`` only frees the history."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of positions to remove; got {tokens_to_remove}.")
+        if tokens_to_remove < 0:
+            target = self.seen_positions + tokens_to_remove
+            states = [state for state in self._past if state[0] == target]
+            if not states:
+                raise ValueError(
+                    f"cannot roll back to position {target}: call activate_past_recording() before the positions "
+                    "to be removed are consumed."
+                )
+            self.seen_positions, *tensors = states[0]
+            for name, tensor in zip(self._TENSORS, tensors):
+                setattr(self, name, tensor)
+        if self.record_past:
+            self._past = []
+            self._record()
 
     def __repr__(self):
         return f"BriLLMCache(batch_size={self.batch_size}, seen_positions={self.seen_positions})"
@@ -477,8 +526,10 @@ class BriLLMModel(BriLLMPreTrainedModel):
         if use_cache is None:
             use_cache = not self.training
         if cache is None:
+            cache = BriLLMCache()
+        if not cache.is_initialized:
             compute = _compute_dtype(self.weights.dtype)
-            cache = BriLLMCache(input_ids.shape[0], self.config.hidden_size, input_ids.device, compute)
+            cache.initialize(input_ids.shape[0], self.config.hidden_size, input_ids.device, compute)
         signals, energies, positions = self._flow(input_ids, mask, cache)
         return BriLLMModelOutput(
             last_hidden_state=signals,
@@ -507,7 +558,7 @@ class BriLLMModel(BriLLMPreTrainedModel):
             raise ValueError(f"input_ids contains token id {bad}, outside this model's vocabulary [0, {V}).")
         B, T = input_ids.shape
         past = cache.seen_positions if cache is not None else 0
-        if cache is not None and cache.batch_size != B:
+        if cache is not None and cache.is_initialized and cache.batch_size != B:
             raise ValueError(f"the cache holds {cache.batch_size} texts but input_ids has batch size {B}.")
         if attention_mask is None:
             return input_ids, torch.ones_like(input_ids, dtype=torch.bool)
@@ -576,13 +627,14 @@ class BriLLMModel(BriLLMPreTrainedModel):
             cache.numerator = torch.where(edge_rows, numerator, cache.numerator)
             cache.denominator = torch.where(is_edge, denominator, cache.denominator)
             cache.max_logit = torch.where(is_edge, new_max, cache.max_logit)
+            cache.last_token = torch.where(present, input_ids[:, t], cache.last_token)
+            cache.num_tokens = cache.num_tokens + steps[:, t]
+            cache.seen_positions += 1
+            cache._record()
             signals.append(cache.signal)
             energies.append(
                 torch.where(edge_rows, energy, torch.where(first_rows, start[:, t], torch.zeros_like(energy)))
             )
-        cache.last_token = torch.where(mask.any(1), input_ids.gather(1, last_real[:, -1:].clamp(min=0))[:, 0], cache.last_token)
-        cache.num_tokens = cache.num_tokens + steps.sum(1)
-        cache.seen_positions += T
         signal_positions = torch.where(mask, tokens_before, torch.full_like(tokens_before, -1))
         return torch.stack(signals, 1), torch.stack(energies, 1), signal_positions
 
@@ -724,13 +776,27 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls):
-        return False  # forward creates its own BriLLMCache
+        return False  # never a DynamicCache: the state is a BriLLMCache
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # Install an empty state before prefill (assisted decoding needs one); the signature differs across versions.
+        if generation_config.use_cache is False or _pick_cache(*(model_kwargs.get(k) for k in _CACHE_NAMES)):
+            return
+        cache = BriLLMCache()
+        if generation_config.is_assistant:
+            cache.activate_past_recording()
+        model_kwargs[_CACHE_KWARG] = cache
 
     def _get_logits_processor(self, generation_config, *args, **kwargs):
         processors = super()._get_logits_processor(generation_config, *args, **kwargs)
         if self.config.suppress_self_loop:
             processors.insert(0, _SuppressSelfLoop())
         return processors
+
+
+_CACHE_NAMES = ("past_key_values", "cache")
+# transformers 5.24 renamed the generation state from `past_key_values` to `cache`.
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
 
 
 def _pick_cache(past_key_values, cache):

@@ -158,3 +158,34 @@ def test_logits_to_keep_scores_only_the_last_positions():
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     full = model(ids).logits
     assert torch.allclose(model(ids, logits_to_keep=2).logits, full[:, -2:])
+
+
+def test_assisted_decoding_equals_greedy(monkeypatch):
+    model, assistant = random_model(seed=3), random_model(seed=4)
+    prompt = torch.tensor([[4, 2, 11, 5]])
+    expected = model.generate(prompt, max_new_tokens=20, do_sample=False)
+    rollbacks = []
+    real = BriLLMCache.crop
+
+    def spy(self, tokens_to_remove):
+        rollbacks.append(tokens_to_remove)
+        real(self, tokens_to_remove)
+
+    monkeypatch.setattr(BriLLMCache, "crop", spy)
+    assert torch.equal(model.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=assistant), expected)
+    assert any(n < 0 for n in rollbacks)  # the assistant's guesses were rejected and rolled back
+    assert torch.equal(model.generate(prompt, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=3), expected)
+
+
+def test_cache_rolls_back_exactly():
+    model = random_model(seed=8)
+    ids = torch.tensor([[3, 9, 4, 4, 7, 1]])
+    cache = model(ids[:, :3], use_cache=True).past_key_values
+    cache.activate_past_recording()
+    model(ids[:, 3:], past_key_values=cache)
+    cache.crop(-3)
+    assert cache.get_seq_length() == 3
+    again = model(ids[:, 3:], past_key_values=cache).logits
+    assert torch.allclose(again, model(ids).logits[:, 3:], atol=1e-6)
+    with pytest.raises(ValueError, match="activate_past_recording"):
+        model(ids[:, :2], use_cache=True).past_key_values.crop(-1)
