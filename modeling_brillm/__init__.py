@@ -7,6 +7,7 @@ Importing this package registers BriLLM with the Auto classes, so checkpoints lo
 >>> from transformers import AutoConfig
 >>> AutoConfig.for_model("brillm", vocab_size=8, hidden_size=4).num_slots
 65
+
 ```
 """
 

@@ -59,6 +59,7 @@ class BriLLMConfig(PretrainedConfig):
     Traceback (most recent call last):
     ...
     ValueError: hidden_size must be even (the positional encoding pairs sines and cosines); got 7, use 6 or 8.
+
     ```
     """
 

@@ -77,6 +77,7 @@ class BriLLMEdgeGraph(nn.Module):
     >>> graph.set_graph(torch.tensor([0, 2, 2, 3]), torch.tensor([0, 2, 1], dtype=torch.int32))
     >>> graph.slots(torch.tensor([0, 0, 1, 2]), torch.tensor([2, 1, 1, 1])).tolist()  # 0->1 and 1->1 are shared
     [2, 0, 0, 3]
+
     ```
     """
 
@@ -201,6 +202,7 @@ class BriLLMCache:
     >>> step = model(torch.tensor([[2]]), past_key_values=cache)  # scores the token after 3 5 7 2
     >>> step.logits.shape
     torch.Size([1, 1, 16])
+
     ```
     """
 
@@ -496,6 +498,7 @@ class BriLLMModel(BriLLMPreTrainedModel):
     (torch.Size([1, 3, 4]), [[0, 1, 2]])
     >>> model.score_next(torch.tensor([[3]]), out.last_hidden_state[:, -1:], out.signal_positions[:, -1:]).shape
     torch.Size([1, 1, 16])
+
     ```
     """
 
@@ -693,6 +696,7 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
     (torch.Size([1, 4, 16]), 0)
     >>> model.generate(ids, max_new_tokens=5, do_sample=False).shape
     torch.Size([1, 9])
+
     ```
     """
 
@@ -745,6 +749,12 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}.")
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"labels contains {int(labels[bad][0])}: use token ids in [0, {self.config.vocab_size}) "
+                    "or -100 for positions to ignore."
+                )
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.cache, hidden_states=outputs.hidden_states

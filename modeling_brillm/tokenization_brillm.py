@@ -25,6 +25,7 @@ def character_tokenizer(vocab, unk_token="<unk>"):
     >>> tok = character_tokenizer({"<unk>": 0, "春": 1, "眠": 2})
     >>> tok("春眠不")["input_ids"], tok.decode([1, 2])
     ([1, 2, 0], '春眠')
+
     ```
     """
     if unk_token not in vocab:

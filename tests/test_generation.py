@@ -189,3 +189,11 @@ def test_cache_rolls_back_exactly():
     assert torch.allclose(again, model(ids).logits[:, 3:], atol=1e-6)
     with pytest.raises(ValueError, match="activate_past_recording"):
         model(ids[:, :2], use_cache=True).past_key_values.crop(-1)
+
+
+def test_labels_outside_the_vocabulary_are_refused():
+    model = random_model(seed=1)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="-100 for positions to ignore"):
+        model(ids, labels=torch.tensor([[1, 2, 40]]))
+    assert model(ids, labels=torch.tensor([[1, -100, 3]])).loss.isfinite()
