@@ -130,3 +130,72 @@ def test_converter_refuses_missing_tensors_and_sources(tmp_path):
     result = convert(tmp_path / "out2", frequencies=path)
     assert result.returncode != 0 and "have no entry" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def write_reference_files(folder, tokens, owned_fraction=0.3, hidden_size=4, seed=0):
+    """A reference-format model.bin / vocab.json / word_frequency.json for the given tokens (random weights)."""
+    generator = torch.Generator().manual_seed(seed)
+    V = len(tokens)
+    counts = (torch.rand(V, V, generator=generator) < owned_fraction).long() * torch.randint(1, 50, (V, V), generator=generator)
+    P = 1 + int((counts > 0).sum())
+    state = {
+        "positions": torch.ones(1, 512, 1),
+        "weights": torch.rand(P, hidden_size, hidden_size, generator=generator) - 0.5,
+        "biases": torch.rand(P, 1, hidden_size, generator=generator) - 0.5,
+        "node_bias": torch.rand(V, 1, hidden_size, generator=generator) - 0.5,
+    }
+    torch.save(state, folder / "model.bin")
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    frequencies = {
+        s: dict(sorted(((t, int(counts[i, j])) for j, t in enumerate(tokens)), key=lambda kv: -kv[1]))
+        for i, s in enumerate(tokens)
+    }
+    (folder / "word_frequency.json").write_text(json.dumps(frequencies, ensure_ascii=False))
+    return folder / "model.bin", folder / "vocab.json", folder / "word_frequency.json"
+
+
+def test_character_vocabulary_gets_a_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokens = ["<unk>", *"春眠不觉晓处闻啼鸟夜来风雨声花落知多少,."]
+    checkpoint, vocab, frequencies = write_reference_files(tmp_path, tokens)
+    result = convert(tmp_path / "out", checkpoint, vocab, frequencies)
+    assert result.returncode == 0, result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "春眠不觉晓,处处闻啼鸟."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert ids == [tokens.index(c) for c in text]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer("春X", add_special_tokens=False).input_ids == [1, 0]  # unknown character -> <unk>
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    out = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)
+    assert len(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)) == int((out[0, len(ids):] != 0).sum())
+
+
+def test_bpe_tokenizer_json_is_checked_and_written(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    text = ["In frogs, the hind legs are larger than the fore legs.", "The river runs by the city of frogs."] * 20
+    bpe.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(tmp_path / "bpe.json"))
+    tokens = [t for t, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])]
+    checkpoint, vocab, frequencies = write_reference_files(tmp_path, tokens, owned_fraction=0.05)
+    result = convert(tmp_path / "out", checkpoint, vocab, frequencies, "--tokenizer-json", str(tmp_path / "bpe.json"))
+    assert result.returncode == 0, result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    sentence = "the hind legs of frogs"
+    assert tokenizer(sentence, add_special_tokens=False).input_ids == bpe.encode(sentence).ids
+    assert tokenizer.decode(bpe.encode(sentence).ids).strip() == sentence
+    assert tokenizer.pad_token_id == 0 and tokenizer.unk_token_id == 1
+
+    other = tmp_path / "other"
+    other.mkdir()
+    _, wrong_vocab, wrong_frequencies = write_reference_files(other, tokens[:-1] + ["zzz"], owned_fraction=0.05)
+    result = convert(tmp_path / "out2", checkpoint, wrong_vocab, wrong_frequencies, "--tokenizer-json", str(tmp_path / "bpe.json"))
+    assert result.returncode != 0 and "does not match the vocabulary" in result.stderr
