@@ -1,8 +1,6 @@
 """generate(): parity with the reference decoder, cache equivalence, batching, beams, sampling, streaming."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,19 +10,12 @@ from transformers import TextStreamer
 from modeling_brillm import BriLLMCache, BriLLMConfig, BriLLMForCausalLM
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official-tiny"
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def decoder_model(tmp_path_factory):
+def decoder_model(tmp_path_factory, fixture_converter):
     """The fixture converted with the reference decoder's conventions (position_shift=0, self-loops suppressed)."""
-    out = tmp_path_factory.mktemp("decoder")
-    subprocess.run(
-        [sys.executable, str(REPO / "conversion" / "convert_official_checkpoint.py"),
-         "--checkpoint", str(FIXTURE / "model.bin"), "--vocab", str(FIXTURE / "vocab.json"),
-         "--frequencies", str(FIXTURE / "word_frequency.json"), "--output", str(out), "--position-shift", "0"],
-        check=True, capture_output=True,
-    )
+    out = fixture_converter(tmp_path_factory.mktemp("decoder") / "model", "--position-shift", "0")
     model = BriLLMForCausalLM.from_pretrained(out).eval()
     assert model.config.position_shift == 0 and model.config.suppress_self_loop
     return model

@@ -1,8 +1,6 @@
 """Parity with the reference code (BriLLM0.5) on tests/fixtures/official-tiny, and the converter's refusals."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +10,6 @@ from safetensors.torch import load_file
 from modeling_brillm import BriLLMForCausalLM, sinusoidal_positions
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official-tiny"
-REPO = Path(__file__).resolve().parent.parent
-CONVERT = REPO / "conversion" / "convert_official_checkpoint.py"
-
-
-def convert(output, checkpoint=FIXTURE / "model.bin", vocab=FIXTURE / "vocab.json",
-            frequencies=FIXTURE / "word_frequency.json", *extra):
-    return subprocess.run(
-        [sys.executable, str(CONVERT), "--checkpoint", str(checkpoint), "--vocab", str(vocab),
-         "--frequencies", str(frequencies), "--output", str(output), *extra],
-        capture_output=True, text=True,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +19,8 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("converted")
-    result = convert(out)
-    assert result.returncode == 0, result.stderr
-    return BriLLMForCausalLM.from_pretrained(out)
+def model(converted_fixture):
+    return BriLLMForCausalLM.from_pretrained(converted_fixture)
 
 
 def test_slot_map_equals_reference(model, reference):
@@ -93,41 +77,41 @@ def test_sampled_loss_rejects_candidates_without_the_true_token_first(model, ref
         model.sampled_loss(ids, candidates)
 
 
-def test_converter_refuses_slot_count_mismatch(tmp_path):
+def test_converter_refuses_slot_count_mismatch(tmp_path, reference_converter):
     frequencies = json.loads((FIXTURE / "word_frequency.json").read_text())
     source = next(iter(frequencies))
     zero_target = next(t for t, c in frequencies[source].items() if c == 0)
     frequencies[source][zero_target] = 5  # one more owned edge than the checkpoint has slots
     path = tmp_path / "freq.json"
     path.write_text(json.dumps(frequencies))
-    result = convert(tmp_path / "out", frequencies=path)
+    result = reference_converter(tmp_path / "out", frequencies=path)
     assert result.returncode != 0
     assert "weights.shape[0] == 1 + 1668" in result.stderr
 
 
-def test_converter_refuses_vocabulary_out_of_order(tmp_path):
+def test_converter_refuses_vocabulary_out_of_order(tmp_path, reference_converter):
     vocab = json.loads((FIXTURE / "vocab.json").read_text())
     items = list(vocab.items())
     items[3], items[4] = items[4], items[3]
     path = tmp_path / "vocab.json"
     path.write_text(json.dumps(dict(items)))
-    result = convert(tmp_path / "out", vocab=path)
+    result = reference_converter(tmp_path / "out", vocab=path)
     assert result.returncode != 0 and "in file order" in result.stderr
 
 
-def test_converter_refuses_missing_tensors_and_sources(tmp_path):
+def test_converter_refuses_missing_tensors_and_sources(tmp_path, reference_converter):
     state = torch.load(FIXTURE / "model.bin", weights_only=True)
     del state["node_bias"]
     checkpoint = tmp_path / "model.bin"
     torch.save(state, checkpoint)
-    result = convert(tmp_path / "out", checkpoint=checkpoint)
+    result = reference_converter(tmp_path / "out", checkpoint=checkpoint)
     assert result.returncode != 0 and "missing tensors ['node_bias']" in result.stderr
 
     frequencies = json.loads((FIXTURE / "word_frequency.json").read_text())
     frequencies.pop("[MASK]")
     path = tmp_path / "freq.json"
     path.write_text(json.dumps(frequencies))
-    result = convert(tmp_path / "out2", frequencies=path)
+    result = reference_converter(tmp_path / "out2", frequencies=path)
     assert result.returncode != 0 and "have no entry" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
@@ -154,12 +138,12 @@ def write_reference_files(folder, tokens, owned_fraction=0.3, hidden_size=4, see
     return folder / "model.bin", folder / "vocab.json", folder / "word_frequency.json"
 
 
-def test_character_vocabulary_gets_a_tokenizer(tmp_path):
+def test_character_vocabulary_gets_a_tokenizer(tmp_path, reference_converter):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokens = ["<unk>", *"春眠不觉晓处闻啼鸟夜来风雨声花落知多少,."]
     checkpoint, vocab, frequencies = write_reference_files(tmp_path, tokens)
-    result = convert(tmp_path / "out", checkpoint, vocab, frequencies)
+    result = reference_converter(tmp_path / "out", checkpoint=checkpoint, vocab=vocab, frequencies=frequencies)
     assert result.returncode == 0, result.stderr
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     text = "春眠不觉晓,处处闻啼鸟."
@@ -172,7 +156,7 @@ def test_character_vocabulary_gets_a_tokenizer(tmp_path):
     assert len(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)) == int((out[0, len(ids):] != 0).sum())
 
 
-def test_bpe_tokenizer_json_is_checked_and_written(tmp_path):
+def test_bpe_tokenizer_json_is_checked_and_written(tmp_path, reference_converter):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer
 
@@ -186,7 +170,9 @@ def test_bpe_tokenizer_json_is_checked_and_written(tmp_path):
     bpe.save(str(tmp_path / "bpe.json"))
     tokens = [t for t, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])]
     checkpoint, vocab, frequencies = write_reference_files(tmp_path, tokens, owned_fraction=0.05)
-    result = convert(tmp_path / "out", checkpoint, vocab, frequencies, "--tokenizer-json", str(tmp_path / "bpe.json"))
+    result = reference_converter(
+        tmp_path / "out", "--tokenizer-json", str(tmp_path / "bpe.json"), checkpoint=checkpoint, vocab=vocab, frequencies=frequencies
+    )
     assert result.returncode == 0, result.stderr
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     sentence = "the hind legs of frogs"
@@ -197,5 +183,8 @@ def test_bpe_tokenizer_json_is_checked_and_written(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     _, wrong_vocab, wrong_frequencies = write_reference_files(other, tokens[:-1] + ["zzz"], owned_fraction=0.05)
-    result = convert(tmp_path / "out2", checkpoint, wrong_vocab, wrong_frequencies, "--tokenizer-json", str(tmp_path / "bpe.json"))
+    result = reference_converter(
+        tmp_path / "out2", "--tokenizer-json", str(tmp_path / "bpe.json"),
+        checkpoint=checkpoint, vocab=wrong_vocab, frequencies=wrong_frequencies,
+    )
     assert result.returncode != 0 and "does not match the vocabulary" in result.stderr
