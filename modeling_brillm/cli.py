@@ -2,11 +2,16 @@
 
     brillm generate MODEL_DIR --prompt "In frogs, the hind legs" --max-new-tokens 32 [--do-sample --top-p 0.9]
     brillm generate MODEL_DIR --prompt-ids 17,61,61 --vocab vocab.json
+    brillm train --config configuration/train/tiny-en.yaml [--output-dir D] [--max-steps N] [--resume]
+    brillm eval MODEL_DIR --data valid.txt [--seq-len 32]
 """
 
 import argparse
 import json
 import sys
+
+from . import evaluation
+from . import train as train_cli
 
 
 def _generate(args):
@@ -72,6 +77,14 @@ def main(argv=None):
     generate.add_argument("--num-beams", type=int, default=1)
     generate.add_argument("--seed", type=int)
     generate.set_defaults(run=_generate)
+
+    train = commands.add_parser("train", help="pre-train from a recipe (configuration/train/*.yaml)")
+    train_cli.build_parser(train)
+    train.set_defaults(run=train_cli.run)
+
+    evaluate = commands.add_parser("eval", help="full-vocabulary perplexity and bits/char of a text, as JSON")
+    evaluation.build_parser(evaluate)
+    evaluate.set_defaults(run=evaluation.run)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -1,0 +1,449 @@
+"""Pre-training BriLLM with Accelerate: one script from a laptop CPU to many GPUs.
+
+    brillm train --config configuration/train/tiny-en.yaml [--output-dir D] [--max-steps N] [--resume]
+    accelerate launch --config_file configuration/accelerate/multi-gpu.yaml -m modeling_brillm.train --config ...
+
+A recipe (YAML, see ``configuration/train/``) names the prepared data (``brillm prepare`` output: tokenizer,
+initialised model, tokenized dataset — prepared on the fly from ``data.corpus`` when missing) and the
+optimisation settings. The output directory receives:
+
+* ``checkpoint-<step>/``: the model (``save_pretrained``), tokenizer, Accelerate state (optimizer, scheduler,
+  RNG of every process) and ``trainer_state.json`` (step, data position, log history). Written to a temporary
+  folder and renamed, so ``--resume`` never sees a half-written checkpoint.
+* the final model (``model*.safetensors``, config, remote code, tokenizer) directly in the output directory.
+
+Data order is a pure function of (seed, epoch): every process takes a disjoint shard of one seeded permutation
+per epoch, so an interrupted and resumed run replays exactly the batches an uninterrupted run would have seen.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from .evaluation import character_lengths, evaluate_nll, summarize_nll
+
+TRAINER_STATE = "trainer_state.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+@dataclass
+class DataRecipe:
+    """Where the training data comes from."""
+
+    prepared: str | None = None  # a `brillm prepare` output folder; created from `corpus` when missing
+    corpus: list[str] = field(default_factory=list)  # text files or folders, used to prepare
+    tokenizer: str = "bpe"  # "bpe" or "char"
+    vocab_size: int = 1000
+    seq_len: int = 32
+    min_edge_count: int = 1
+    hidden_size: int = 32
+    validation_fraction: float = 0.05
+
+
+@dataclass
+class TrainRecipe:
+    """Optimisation settings; defaults follow the reference recipe (SPEC §4) where it has one."""
+
+    objective: str = "full"  # "full": exact full-vocabulary CE; "sampled": the reference 1 + k candidates
+    num_negatives: int = 400  # k for the sampled objective
+    learning_rate: float = 5e-2
+    weight_decay: float = 0.0
+    batch_size: int = 32  # per process
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    max_grad_norm: float = 0.0  # 0: no clipping
+    save_steps: int = 100
+    eval_steps: int = 100
+    log_steps: int = 10
+    max_eval_batches: int = 50
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "bf16", "fp16" (GPU)
+    report_to: str = "none"  # "none" or "tensorboard"
+    sample_prompt: str | None = None  # generated from after training, printed as `Generated: ...`
+    sample_tokens: int = 40
+
+
+@dataclass
+class Recipe:
+    name: str
+    data: DataRecipe
+    train: TrainRecipe
+    output_dir: str = "outputs/run"
+
+    @classmethod
+    def from_yaml(cls, path):
+        """Read a recipe; unknown keys are errors (a typo must not silently fall back to a default)."""
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        sections = {"data": DataRecipe, "train": TrainRecipe}
+        unknown = set(raw) - {"name", "output_dir", *sections}
+        if unknown:
+            raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; expected name, output_dir, data, train.")
+        parts = {}
+        for key, kind in sections.items():
+            values = raw.get(key) or {}
+            allowed = {f.name for f in fields(kind)}
+            if set(values) - allowed:
+                raise ValueError(f"{path}: unknown {key} keys {sorted(set(values) - allowed)}; allowed: {sorted(allowed)}.")
+            parts[key] = kind(**{name: _coerce(kind, name, value, path) for name, value in values.items()})
+        recipe = cls(name=raw.get("name", Path(path).stem), output_dir=raw.get("output_dir", f"outputs/{Path(path).stem}"), **parts)
+        if isinstance(recipe.data.corpus, str):
+            recipe.data.corpus = [recipe.data.corpus]
+        if recipe.train.objective not in ("full", "sampled"):
+            raise ValueError(f"{path}: train.objective must be 'full' or 'sampled'; got {recipe.train.objective!r}.")
+        return recipe
+
+
+def _coerce(kind, name, value, path):
+    """Recipe values to their field's type: YAML reads ``5e-2`` (no dot) as a string."""
+    expected = {f.name: f.type for f in fields(kind)}[name]
+    for scalar in (int, float):
+        if expected in (scalar, scalar.__name__) and not isinstance(value, bool):
+            try:
+                return scalar(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: {kind.__name__} {name} must be a {scalar.__name__}; got {value!r}.") from None
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order
+
+
+def epoch_batches(num_samples, batch_size, epoch, seed, rank, world_size):
+    """This process's batches (lists of sample indices) for one epoch.
+
+    One seeded permutation per epoch, cut into global batches of ``batch_size * world_size``; process ``rank``
+    takes its slice of each, so processes see disjoint samples. Incomplete global batches are dropped.
+
+    Example:
+
+    ```python
+    >>> epoch_batches(10, 2, epoch=0, seed=0, rank=0, world_size=2)
+    [[4, 1], [3, 9]]
+    >>> epoch_batches(10, 2, epoch=0, seed=0, rank=1, world_size=2)
+    [[7, 5], [0, 8]]
+
+    ```
+    """
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    global_batch = batch_size * world_size
+    usable = num_samples - num_samples % global_batch
+    return [
+        order[start + rank * batch_size : start + (rank + 1) * batch_size] for start in range(0, usable, global_batch)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objectives and evaluation
+
+
+def top_successors(train_ids, vocab_size, k):
+    """The ``k`` most frequent successors of every node in the training data: (V, k) int64, by descending count
+    (ties by node id).
+
+    This is the reference's negative pool (its ``word_frequency.json`` lists successors by descending count).
+    """
+    ids = train_ids.long()
+    pairs = (ids[:, :-1] * vocab_size + ids[:, 1:]).reshape(-1)
+    counts = torch.bincount(pairs, minlength=vocab_size * vocab_size).view(vocab_size, vocab_size)
+    # A stable sort breaks ties by node id, so the pool does not depend on the sorting kernel.
+    return torch.sort(counts, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def sampled_candidates(input_ids, successors, num_negatives):
+    """Candidates per edge for the reference objective: the true next token, then the ``num_negatives`` most
+    frequent successors of the source other than it: (B, L-1, 1 + num_negatives)."""
+    sources, targets = input_ids[:, :-1], input_ids[:, 1:]
+    pool = successors[sources]  # (B, L-1, k+1), the true target possibly among them
+    keep = pool != targets.unsqueeze(-1)
+    # Stable order of the kept entries: sort by (dropped, rank) and take the first num_negatives.
+    rank = torch.arange(pool.shape[-1], device=pool.device).expand_as(pool)
+    order = torch.argsort(torch.where(keep, rank, rank + pool.shape[-1]), dim=-1)[..., :num_negatives]
+    negatives = pool.gather(-1, order)
+    return torch.cat([targets.unsqueeze(-1), negatives], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def latest_checkpoint(output_dir):
+    """The newest complete ``checkpoint-<step>`` folder (one with a trainer state), or None."""
+    candidates = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        suffix = path.name[len("checkpoint-") :]
+        if suffix.isdigit() and (path / TRAINER_STATE).is_file():
+            candidates.append((int(suffix), path))
+    return max(candidates)[1] if candidates else None
+
+
+def write_atomically(target, write):
+    """Call ``write(tmp_folder)`` then rename the folder to ``target``: a kill leaves no partial ``target``."""
+    target = Path(target)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+def load_prepared(recipe, accelerator):
+    """Model, tokenizer and datasets of the recipe, preparing them from the corpus first if needed."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from .modeling_brillm import BriLLMForCausalLM
+
+    prepared = Path(recipe.data.prepared or Path(recipe.output_dir) / "prepared")
+    with accelerator.main_process_first():
+        if not (prepared / "model" / "config.json").is_file():
+            if not recipe.data.corpus:
+                raise FileNotFoundError(f"{prepared} is not a prepared folder and the recipe names no data.corpus.")
+            from .preparation import prepare_corpus
+
+            prepare_corpus(
+                recipe.data.corpus,
+                prepared,
+                tokenizer=recipe.data.tokenizer,
+                vocab_size=recipe.data.vocab_size,
+                seq_len=recipe.data.seq_len,
+                min_edge_count=recipe.data.min_edge_count,
+                hidden_size=recipe.data.hidden_size,
+                validation_fraction=recipe.data.validation_fraction,
+                seed=recipe.train.seed,
+            )
+    model = BriLLMForCausalLM.from_pretrained(prepared / "model")
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
+    dataset = load_from_disk(str(prepared / "dataset"))
+    return model, tokenizer, dataset, prepared
+
+
+def train(recipe, resume=False, debug_dir=None):
+    """Run a recipe; returns the final evaluation summary (on the main process)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_constant_schedule
+
+    settings = recipe.train
+    output_dir = Path(recipe.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        mixed_precision=settings.mixed_precision,
+        log_with=None if settings.report_to == "none" else settings.report_to,
+        project_dir=str(output_dir),
+    )
+    set_seed(settings.seed)
+    model, tokenizer, dataset, prepared = load_prepared(recipe, accelerator)
+    train_ids = torch.tensor(dataset["train"]["input_ids"], dtype=torch.long)
+    valid_ids = torch.tensor(dataset["validation"]["input_ids"], dtype=torch.long)
+    char_lengths = character_lengths(tokenizer, model.config.vocab_size)
+    successors = None
+    if settings.objective == "sampled":
+        successors = top_successors(train_ids, model.config.vocab_size, settings.num_negatives + 1)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True
+    )
+    scheduler = get_constant_schedule(optimizer)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if settings.report_to != "none":
+        accelerator.init_trackers(recipe.name, config={**asdict(recipe.data), **asdict(settings)})
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "log_history": []}
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint / "accelerate"))
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+
+    def save_checkpoint():
+        accelerator.wait_for_everyone()
+        target = output_dir / f"checkpoint-{state['step']}"
+
+        # Every process writes its own RNG state into a shared temporary folder; the main process finalises.
+        tmp_state = output_dir / f".tmp-state-{state['step']}"
+        accelerator.save_state(str(tmp_state))
+        accelerator.wait_for_everyone()
+
+        def write(folder):
+            accelerator.unwrap_model(model).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            os.replace(tmp_state, folder / "accelerate")
+            (folder / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+
+        if accelerator.is_main_process:
+            write_atomically(target, write)
+        accelerator.wait_for_everyone()
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    seen = [] if debug_dir else None
+    progress = tqdm(
+        total=settings.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process, desc=recipe.name
+    )
+    model.train()
+    started, tokens_done = time.time(), 0
+    while state["step"] < settings.max_steps:
+        batches = epoch_batches(len(train_ids), settings.batch_size, state["epoch"], settings.seed, rank, world)
+        if not batches:
+            raise ValueError(
+                f"the training set has {len(train_ids)} samples, fewer than one global batch "
+                f"({settings.batch_size} x {world} processes): lower train.batch_size."
+            )
+        for batch_index in range(state["batch_in_epoch"], len(batches)):
+            input_ids = train_ids[batches[batch_index]].to(accelerator.device)
+            if seen is not None:
+                seen.extend(batches[batch_index])
+            with accelerator.accumulate(model):
+                if settings.objective == "full":
+                    loss = model(input_ids, labels=input_ids, use_cache=False).loss
+                else:
+                    candidates = sampled_candidates(input_ids, successors.to(input_ids.device), settings.num_negatives)
+                    loss = accelerator.unwrap_model(model).sampled_loss(input_ids, candidates)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {state['step']}: training stopped; the last good checkpoint "
+                        f"is {latest_checkpoint(output_dir)}. Lower train.learning_rate or use mixed_precision 'no'."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and settings.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state["batch_in_epoch"] = batch_index + 1
+            tokens_done += input_ids.numel() * world
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            step_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            rate = tokens_done / max(time.time() - started, 1e-9)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2g}", tok_s=f"{rate:.0f}")
+            if state["step"] % settings.log_steps == 0 or state["step"] == settings.max_steps:
+                state["log_history"].append({"step": state["step"], "loss": step_loss, "tokens_per_second": rate})
+                accelerator.print(f"step {state['step']} loss {step_loss:.4f}")
+                accelerator.log({"train/loss": step_loss, "train/tokens_per_second": rate}, step=state["step"])
+            if state["step"] % settings.eval_steps == 0 or state["step"] == settings.max_steps:
+                metrics = evaluate(accelerator, model, valid_ids, settings, char_lengths)
+                state["log_history"].append({"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items()}})
+                accelerator.print(
+                    f"step {state['step']} eval perplexity {metrics['perplexity']} bits/char {metrics['bits_per_char']}"
+                )
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=state["step"])
+            if state["step"] % settings.save_steps == 0 or state["step"] == settings.max_steps:
+                save_checkpoint()
+            if state["step"] >= settings.max_steps:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if seen is not None:
+        _write_debug(debug_dir, accelerator, model, seen)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return None
+    return _final_report(output_dir, recipe, valid_ids, char_lengths, tokens_done, time.time() - started)
+
+
+def evaluate(accelerator, model, valid_ids, settings, char_lengths):
+    """Full-vocabulary perplexity and bits/char on (a slice of) the validation set, summed over processes."""
+    limit = settings.max_eval_batches * settings.batch_size
+    mine = valid_ids[: limit][accelerator.process_index :: accelerator.num_processes]
+    batches = ({"input_ids": mine[i : i + settings.batch_size].to(accelerator.device)} for i in range(0, len(mine), settings.batch_size))
+    sums = evaluate_nll(accelerator.unwrap_model(model), batches, char_lengths)
+    totals = accelerator.reduce(torch.tensor([sums["nll"], sums["tokens"], sums["characters"]], device=accelerator.device, dtype=torch.float64), reduction="sum")
+    return summarize_nll(dict(zip(("nll", "tokens", "characters"), totals.tolist())))
+
+
+def _final_report(output_dir, recipe, valid_ids, char_lengths, tokens_done, seconds):
+    """Reload the saved model the way users will, report held-out quality and a sample."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    batches = ({"input_ids": valid_ids[i : i + 64]} for i in range(0, len(valid_ids), 64))
+    metrics = summarize_nll(evaluate_nll(model, batches, char_lengths))
+    print(
+        f"done: {recipe.name} trained {tokens_done} tokens in {seconds:.1f} s ({tokens_done / seconds:.0f} tokens/s); "
+        f"held-out perplexity {metrics['perplexity']}, bits/char {metrics['bits_per_char']}; saved to {output_dir}"
+    )
+    if recipe.train.sample_prompt:
+        ids = tokenizer(recipe.train.sample_prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        torch.manual_seed(recipe.train.seed)
+        out = model.generate(ids, max_new_tokens=recipe.train.sample_tokens, do_sample=True, top_p=0.9)
+        print("Generated: " + tokenizer.decode(out[0], skip_special_tokens=True).replace("\n", " "))
+    (Path(output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def _write_debug(debug_dir, accelerator, model, seen):
+    """Per-process record for the multi-process test: the samples seen and a checksum of the weights."""
+    debug_dir = Path(debug_dir)
+    debug_dir.mkdir(parents=True, exist_ok=True)
+    weights = accelerator.unwrap_model(model).state_dict()
+    checksum = sum(float(t.double().sum()) for t in weights.values() if t.is_floating_point())
+    record = {
+        "rank": accelerator.process_index,
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "samples": seen,
+        "weights_checksum": checksum,
+    }
+    (debug_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
+
+
+def build_parser(parser=None):
+    parser = parser or argparse.ArgumentParser(prog="brillm train", description="pre-train a BriLLM model")
+    parser.add_argument("--config", required=True, help="a recipe YAML, e.g. configuration/train/tiny-en.yaml")
+    parser.add_argument("--output-dir", help="overrides the recipe's output_dir")
+    parser.add_argument("--max-steps", type=int, help="overrides train.max_steps")
+    parser.add_argument("--save-steps", type=int, help="overrides train.save_steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    parser.add_argument("--debug-dir", help=argparse.SUPPRESS)  # per-process records for the multi-process test
+    return parser
+
+
+def run(args):
+    recipe = Recipe.from_yaml(args.config)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    if args.max_steps is not None:
+        recipe.train.max_steps = args.max_steps
+    if args.save_steps is not None:
+        recipe.train.save_steps = args.save_steps
+    train(recipe, resume=args.resume, debug_dir=args.debug_dir)
+
+
+if __name__ == "__main__":
+    run(build_parser().parse_args())
