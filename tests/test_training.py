@@ -1,6 +1,7 @@
 """Pre-training with Accelerate: checkpoints, exact resume after a kill, 2 processes on CPU, NaN stop, Trainer."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -219,3 +220,29 @@ def test_recipe_numbers_written_without_a_dot_are_numbers(tmp_path):
     path.write_text("train:\n  learning_rate: fast\n")
     with pytest.raises(ValueError, match="learning_rate must be a float"):
         Recipe.from_yaml(path)
+
+
+def test_eval_of_a_uniform_model_gives_log2_vocab_bits_per_token(prepared, tmp_path):
+    model = BriLLMForCausalLM.from_pretrained(prepared / "model")
+    with torch.no_grad():  # every edge lets the same energy through: a uniform next-token distribution
+        model.model.weights.zero_()
+        model.model.biases.zero_()
+    model.save_pretrained(tmp_path / "uniform")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(prepared / "tokenizer").save_pretrained(tmp_path / "uniform")
+    text = "a single man in possession of a good fortune"
+    (tmp_path / "valid.txt").write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_brillm.cli", "eval", str(tmp_path / "uniform"), "--data",
+         str(tmp_path / "valid.txt"), "--seq-len", "8"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    V = model.config.vocab_size
+    windows = [len(text[i : i + 8]) for i in range(0, len(text), 8)]
+    predicted = sum(n - 1 for n in windows if n >= 2)
+    assert report["tokens"] == predicted == report["characters"]  # one character per token
+    assert report["perplexity"] == pytest.approx(V, rel=1e-4)
+    assert report["bits_per_char"] == pytest.approx(math.log2(V), rel=1e-4)
