@@ -4,13 +4,14 @@
     brillm generate MODEL_DIR --prompt-ids 17,61,61 --vocab vocab.json
     brillm train --config configuration/train/tiny-en.yaml [--output-dir D] [--max-steps N] [--resume]
     brillm eval MODEL_DIR --data valid.txt [--seq-len 32]
+    brillm trace MODEL_DIR --text "It is a truth" --out trace.png
 """
 
 import argparse
 import json
 import sys
 
-from . import evaluation
+from . import evaluation, interpretation
 from . import train as train_cli
 
 
@@ -85,6 +86,10 @@ def main(argv=None):
     evaluate = commands.add_parser("eval", help="full-vocabulary perplexity and bits/char of a text, as JSON")
     evaluation.build_parser(evaluate)
     evaluate.set_defaults(run=evaluation.run)
+
+    trace = commands.add_parser("trace", help="follow the signal through a text; plots to a PNG")
+    interpretation.build_parser(trace)
+    trace.set_defaults(run=interpretation.run)
 
     args = parser.parse_args(argv)
     args.run(args)
