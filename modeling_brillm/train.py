@@ -148,14 +148,17 @@ def epoch_batches(num_samples, batch_size, epoch, seed, rank, world_size):
 # Objectives and evaluation
 
 
-def top_successors(train_ids, vocab_size, k):
+def top_successors(train_ids, vocab_size, k, attention_mask=None):
     """The ``k`` most frequent successors of every node in the training data: (V, k) int64, by descending count
     (ties by node id).
 
     This is the reference's negative pool (its ``word_frequency.json`` lists successors by descending count).
     """
     ids = train_ids.long()
-    pairs = (ids[:, :-1] * vocab_size + ids[:, 1:]).reshape(-1)
+    pairs = ids[:, :-1] * vocab_size + ids[:, 1:]
+    if attention_mask is not None:  # only pairs of real tokens
+        pairs = pairs[attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()]
+    pairs = pairs.reshape(-1)
     counts = torch.bincount(pairs, minlength=vocab_size * vocab_size).view(vocab_size, vocab_size)
     # A stable sort breaks ties by node id, so the pool does not depend on the sorting kernel.
     return torch.sort(counts, dim=1, descending=True, stable=True).indices[:, :k]
@@ -256,12 +259,14 @@ def train(recipe, resume=False, debug_dir=None):
     )
     set_seed(settings.seed)
     model, tokenizer, dataset, prepared = load_prepared(recipe, accelerator)
-    train_ids = torch.tensor(dataset["train"]["input_ids"], dtype=torch.long)
-    valid_ids = torch.tensor(dataset["validation"]["input_ids"], dtype=torch.long)
+    train_set, valid_set = _as_tensors(dataset["train"]), _as_tensors(dataset["validation"])
+    train_ids = train_set["input_ids"]
     char_lengths = character_lengths(tokenizer, model.config.vocab_size)
     successors = None
     if settings.objective == "sampled":
-        successors = top_successors(train_ids, model.config.vocab_size, settings.num_negatives + 1)
+        successors = top_successors(
+            train_ids, model.config.vocab_size, settings.num_negatives + 1, train_set["attention_mask"]
+        )
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True
@@ -314,15 +319,18 @@ def train(recipe, resume=False, debug_dir=None):
                 f"({settings.batch_size} x {world} processes): lower train.batch_size."
             )
         for batch_index in range(state["batch_in_epoch"], len(batches)):
-            input_ids = train_ids[batches[batch_index]].to(accelerator.device)
+            rows = batches[batch_index]
+            input_ids = train_ids[rows].to(accelerator.device)
+            mask = train_set["attention_mask"][rows].to(accelerator.device)
             if seen is not None:
                 seen.extend(batches[batch_index])
             with accelerator.accumulate(model):
                 if settings.objective == "full":
-                    loss = model(input_ids, labels=input_ids, use_cache=False).loss
+                    labels = input_ids.masked_fill(mask == 0, -100)
+                    loss = model(input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
                 else:
                     candidates = sampled_candidates(input_ids, successors.to(input_ids.device), settings.num_negatives)
-                    loss = accelerator.unwrap_model(model).sampled_loss(input_ids, candidates)
+                    loss = accelerator.unwrap_model(model).sampled_loss(input_ids, candidates, attention_mask=mask)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss.item()} at step {state['step']}: training stopped; the last good checkpoint "
@@ -335,7 +343,7 @@ def train(recipe, resume=False, debug_dir=None):
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state["batch_in_epoch"] = batch_index + 1
-            tokens_done += input_ids.numel() * world
+            tokens_done += int(mask.sum()) * world
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
@@ -348,7 +356,7 @@ def train(recipe, resume=False, debug_dir=None):
                 accelerator.print(f"step {state['step']} loss {step_loss:.4f}")
                 accelerator.log({"train/loss": step_loss, "train/tokens_per_second": rate}, step=state["step"])
             if state["step"] % settings.eval_steps == 0 or state["step"] == settings.max_steps:
-                metrics = evaluate(accelerator, model, valid_ids, settings, char_lengths)
+                metrics = evaluate(accelerator, model, valid_set, settings, char_lengths)
                 state["log_history"].append({"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items()}})
                 accelerator.print(
                     f"step {state['step']} eval perplexity {metrics['perplexity']} bits/char {metrics['bits_per_char']}"
@@ -373,26 +381,41 @@ def train(recipe, resume=False, debug_dir=None):
     accelerator.end_training()
     if not accelerator.is_main_process:
         return None
-    return _final_report(output_dir, recipe, valid_ids, char_lengths, tokens_done, time.time() - started)
+    return _final_report(output_dir, recipe, valid_set, char_lengths, tokens_done, time.time() - started)
 
 
-def evaluate(accelerator, model, valid_ids, settings, char_lengths):
+def _as_tensors(split):
+    """``input_ids`` and ``attention_mask`` (all ones when the dataset has none) of a dataset split: (N, L) each."""
+    input_ids = torch.tensor(split["input_ids"], dtype=torch.long)
+    if "attention_mask" in split.column_names:
+        return {"input_ids": input_ids, "attention_mask": torch.tensor(split["attention_mask"], dtype=torch.long)}
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def _batches(tensors, batch_size, device, rows=slice(None)):
+    selected = {name: tensor[rows] for name, tensor in tensors.items()}
+    total = len(selected["input_ids"])
+    for start in range(0, total, batch_size):
+        yield {name: tensor[start : start + batch_size].to(device) for name, tensor in selected.items()}
+
+
+def evaluate(accelerator, model, valid_set, settings, char_lengths):
     """Full-vocabulary perplexity and bits/char on (a slice of) the validation set, summed over processes."""
     limit = settings.max_eval_batches * settings.batch_size
-    mine = valid_ids[: limit][accelerator.process_index :: accelerator.num_processes]
-    batches = ({"input_ids": mine[i : i + settings.batch_size].to(accelerator.device)} for i in range(0, len(mine), settings.batch_size))
+    rows = torch.arange(min(limit, len(valid_set["input_ids"])))[accelerator.process_index :: accelerator.num_processes]
+    batches = _batches(valid_set, settings.batch_size, accelerator.device, rows)
     sums = evaluate_nll(accelerator.unwrap_model(model), batches, char_lengths)
     totals = accelerator.reduce(torch.tensor([sums["nll"], sums["tokens"], sums["characters"]], device=accelerator.device, dtype=torch.float64), reduction="sum")
     return summarize_nll(dict(zip(("nll", "tokens", "characters"), totals.tolist())))
 
 
-def _final_report(output_dir, recipe, valid_ids, char_lengths, tokens_done, seconds):
+def _final_report(output_dir, recipe, valid_set, char_lengths, tokens_done, seconds):
     """Reload the saved model the way users will, report held-out quality and a sample."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
-    batches = ({"input_ids": valid_ids[i : i + 64]} for i in range(0, len(valid_ids), 64))
+    batches = _batches(valid_set, 64, "cpu")
     metrics = summarize_nll(evaluate_nll(model, batches, char_lengths))
     print(
         f"done: {recipe.name} trained {tokens_done} tokens in {seconds:.1f} s ({tokens_done / seconds:.0f} tokens/s); "
