@@ -5,7 +5,7 @@ FIXTURE := tests/fixtures/official-tiny
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo convert-demo test clean
 
 $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	python3 -m venv $(VENV)
@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml requirements-ci.txt
 
 setup: $(VENV)/.installed
 
-# The main job: convert the bundled reference-format checkpoint, then generate from it.
+# The main job: train tiny-en on the bundled corpus, reload it as remote code, report held-out bits/char and
+# print a generated continuation (`Generated: ...`).
 demo: setup
+	THP_MEM_ALLOC_ENABLE=1 $(VENV)/bin/brillm train --config configuration/train/tiny-en.yaml --output-dir outputs/tiny-en
+
+# Convert the bundled reference-format checkpoint (tests/fixtures/official-tiny) and generate from it.
+convert-demo: setup
 	$(PY) conversion/convert_official_checkpoint.py --checkpoint $(FIXTURE)/model.bin --vocab $(FIXTURE)/vocab.json \
 		--frequencies $(FIXTURE)/word_frequency.json --output outputs/official-tiny
 	$(VENV)/bin/brillm generate outputs/official-tiny --prompt-ids 17,61,61 --max-new-tokens 16 --vocab $(FIXTURE)/vocab.json
