@@ -2,19 +2,28 @@
 """Convert a reference BriLLM0.5 checkpoint (``model_en.bin`` / ``model_zh.bin``) to a Hugging Face folder.
 
     python conversion/convert_official_checkpoint.py --checkpoint model.bin --vocab vocab.json \
-        --frequencies word_frequency.json --output DIR [--dtype float32|bfloat16] [--tokenizer-json bpe.json]
+        --frequencies word_frequency.json --output DIR [--dtype float32|bfloat16] [--tokenizer-json bpe.json] \
+        [--max-shard-size 2GB] [--language en] [--license unknown]
 
 The reference keeps the slot map outside the checkpoint: an edge whose count in ``word_frequency.json`` is 0
 uses the shared slot 0, every other edge owns the next slot, row-major in node-id order. This script rebuilds
 that map as CSR buffers (streaming over the frequency file: no V x V dictionary is kept), checks it against the
-checkpoint, and writes safetensors, config, remote code and, when it can, a tokenizer.
+checkpoint, and writes safetensors, config, remote code, a model card and, when it can, a tokenizer.
+
+The checkpoint is memory-mapped, never copied: converting the released English model (3.8 GB) peaks at 1.3x its
+size, 1.6x to bfloat16 (``benchmarks/bench_checkpoint_size.py``). Everything is written to a temporary folder next to
+``--output`` and renamed at the end, so a failed conversion leaves ``--output`` as it was.
 
 Only this folder knows the reference layout; everything else uses the Hugging Face one.
 """
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +36,18 @@ class ConversionError(ValueError):
     """The reference files are inconsistent; the message says which and how."""
 
 
+def read_json(path, **kwargs):
+    """``json.load`` of a file; an unreadable file raises `ConversionError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, **kwargs)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path}: not valid UTF-8 JSON ({error}); is the file truncated?") from None
+
+
 def read_vocabulary(path):
     """``{token: id}`` with ids exactly 0 .. V-1 in file order (the reference numbers nodes by that order)."""
-    with open(path, encoding="utf-8") as f:
-        vocab = json.load(f)
+    vocab = read_json(path)
     if not isinstance(vocab, dict) or not vocab:
         raise ConversionError(f"{path}: expected a non-empty JSON object {{token: id}}.")
     ids = list(vocab.values())
@@ -43,10 +60,11 @@ def read_vocabulary(path):
     return vocab
 
 
-def read_slot_map(path, vocab):
+def read_slot_map(path, vocab, vocab_name="given"):
     """CSR ``(row_ptr (V+1,) int64, col_idx (own,) int32)`` of the edges that own a slot.
 
     As in the reference, an edge owns a slot unless ``word_frequency.json`` lists it with count 0.
+    ``vocab_name`` (the vocabulary's file) only serves error messages.
     """
     V = len(vocab)
     shared_targets = {}
@@ -54,24 +72,29 @@ def read_slot_map(path, vocab):
     def on_object(pairs):
         if pairs and isinstance(pairs[0][1], np.ndarray):
             return dict(pairs)  # the outer object: {source: target ids with count 0}
-        try:
-            return np.fromiter((vocab[t] for t, count in pairs if count == 0), dtype=np.int64)
-        except KeyError as error:
-            raise ConversionError(f"{path}: target token {error.args[0]!r} is not in the vocabulary.") from None
+        unknown = next((target for target, _ in pairs if target not in vocab), None)
+        if unknown is not None:
+            raise ConversionError(
+                f"{path}: target token {unknown!r} is not in the vocabulary {vocab_name}; the frequency file "
+                "belongs to another vocabulary."
+            )
+        return np.fromiter((vocab[t] for t, count in pairs if count == 0), dtype=np.int64)
 
-    with open(path, encoding="utf-8") as f:
-        frequencies = json.load(f, object_pairs_hook=on_object)
+    frequencies = read_json(path, object_pairs_hook=on_object)
     if not isinstance(frequencies, dict):
         raise ConversionError(f"{path}: expected a JSON object {{source: {{target: count}}}} with one entry per token.")
     for source, zero_targets in frequencies.items():
         if source not in vocab:
-            raise ConversionError(f"{path}: source token {source!r} is not in the vocabulary.")
+            raise ConversionError(
+                f"{path}: source token {source!r} is not in the vocabulary {vocab_name}; the frequency file "
+                "belongs to another vocabulary."
+            )
         shared_targets[vocab[source]] = zero_targets
     missing = [token for token in vocab if vocab[token] not in shared_targets]
     if missing:
         raise ConversionError(
-            f"{path}: {len(missing)} vocabulary tokens have no entry (e.g. {missing[:3]}); the reference "
-            "needs one per source node."
+            f"{path}: {len(missing)} tokens of the vocabulary {vocab_name} have no entry (e.g. {missing[:3]}); the "
+            "reference needs one per source node."
         )
     row_ptr = np.zeros(V + 1, dtype=np.int64)
     rows = []
@@ -89,38 +112,103 @@ def read_slot_map(path, vocab):
 
 
 def read_checkpoint(path):
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """The four reference tensors of ``model.bin``, memory-mapped (nothing is copied); checks keys, dtypes, values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file.")
+    try:  # torch.save's zip format maps without copying; the legacy format must be read into memory
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on a damaged file
+        first_sentence = (str(error).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+        reason = f"{type(error).__name__}: {first_sentence}" if first_sentence else type(error).__name__
+        raise ConversionError(
+            f"{path}: cannot read this checkpoint ({reason}); the file is truncated or corrupted, or not a "
+            "torch.save of the reference state dict."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ConversionError(f"{path}: expected a state dict {{name: tensor}}; got {type(state).__name__}.")
     missing = [key for key in REFERENCE_KEYS if key not in state]
     if missing:
         raise ConversionError(f"{path}: missing tensors {missing}; a reference checkpoint holds {list(REFERENCE_KEYS)}.")
     extra = sorted(set(state) - set(REFERENCE_KEYS))
     if extra:
         raise ConversionError(f"{path}: unexpected tensors {extra}; is this a reference BriLLM0.5 checkpoint?")
+    for key in REFERENCE_KEYS:
+        if not state[key].is_floating_point():
+            raise ConversionError(f"{path}: {key} has dtype {state[key].dtype}; the reference stores float tensors.")
+        bad = _count_non_finite(state[key])
+        if bad:
+            raise ConversionError(f"{path}: {key} holds {bad:,} NaN or infinite values; the file is corrupted.")
     return state
 
 
-def convert(checkpoint, vocab_path, frequencies, output, dtype="float32", tokenizer_json=None, position_shift=1):
-    """Write a ``from_pretrained`` folder; returns the model (float32 or ``dtype``)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
-    from modeling_brillm.tokenization_brillm import character_tokenizer, is_character_vocabulary, tokenizer_from_json
+def _count_non_finite(tensor, block=1 << 24):
+    """Non-finite values, counted in blocks (no full-size temporary)."""
+    flat = tensor.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i : i + block])).sum()) for i in range(0, flat.numel(), block))
 
+
+def convert(
+    checkpoint,
+    vocab_path,
+    frequencies,
+    output,
+    dtype="float32",
+    tokenizer_json=None,
+    position_shift=1,
+    max_shard_size="2GB",
+    language=None,
+    license="unknown",
+):
+    """Write a ``from_pretrained`` folder with tokenizer and model card; returns the model (float32 or ``dtype``).
+
+    Everything is checked before anything is written; the folder is assembled next to ``output`` and renamed
+    into place at the end (replacing an earlier conversion there).
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from modeling_brillm import BriLLMConfig, BriLLMForCausalLM, __version__
+    from modeling_brillm.hub_brillm import write_model_card
+    from modeling_brillm.tokenization_brillm import (
+        character_tokenizer,
+        is_character_vocabulary,
+        save_tokenizer,
+        tokenizer_from_json,
+    )
+
+    output = Path(output)
+    check_output_folder(output)
     vocab = read_vocabulary(vocab_path)
     state = read_checkpoint(checkpoint)
-    row_ptr, col_idx = read_slot_map(frequencies, vocab)
     V = len(vocab)
     weights, biases, node_bias, positions = (state[k] for k in ("weights", "biases", "node_bias", "positions"))
     P, d = weights.shape[0], weights.shape[-1]
+    if node_bias.shape[0] != V:
+        raise ConversionError(
+            f"{checkpoint}: node_bias has {node_bias.shape[0]} rows (one per node) but the vocabulary {vocab_path} "
+            f"has {V} tokens. The checkpoint and the vocabulary do not belong together."
+        )
+    expected = {"weights": (P, d, d), "biases": (P, 1, d), "node_bias": (V, 1, d), "positions": (1, positions.shape[1], 1)}
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ConversionError(f"{checkpoint}: {key} has shape {tuple(state[key].shape)}, expected {shape}.")
+    row_ptr, col_idx = read_slot_map(frequencies, vocab, vocab_path)
     if weights.shape[0] != 1 + col_idx.numel():
         raise ConversionError(
             f"{checkpoint} has {weights.shape[0]} slots but {frequencies} gives {col_idx.numel()} non-zero pairs: "
             f"expected weights.shape[0] == 1 + {col_idx.numel()}. The checkpoint and the frequency file do not "
             "belong together."
         )
-    expected = {"weights": (P, d, d), "biases": (P, 1, d), "node_bias": (V, 1, d), "positions": (1, positions.shape[1], 1)}
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise ConversionError(f"{checkpoint}: {key} has shape {tuple(state[key].shape)}, expected {shape}.")
+    if tokenizer_json is not None:
+        tokenizer = tokenizer_from_json(tokenizer_json, vocab)
+    elif is_character_vocabulary(vocab):
+        tokenizer = character_tokenizer(vocab, unk_token="<unk>" if "<unk>" in vocab else "[UNK]")
+    else:
+        tokenizer = None
+        print(
+            "note: the vocabulary has multi-character tokens and no --tokenizer-json was given, so no tokenizer was "
+            "written; pass the released BPE file (e.g. wiki_bpe_tokenizer_4000_bytelevel.json) to add one.",
+            file=sys.stderr,
+        )
 
     config = BriLLMConfig(
         vocab_size=V,
@@ -134,6 +222,7 @@ def convert(checkpoint, vocab_path, frequencies, output, dtype="float32", tokeni
     )
     with torch.device("meta"):
         model = BriLLMForCausalLM(config)
+    # assign=True keeps the memory-mapped tensors themselves as parameters: no copy of the weights.
     model.model.load_state_dict(
         {**{k: state[k].float() for k in REFERENCE_KEYS}, "graph.row_ptr": row_ptr, "graph.col_idx": col_idx},
         assign=True,
@@ -141,22 +230,63 @@ def convert(checkpoint, vocab_path, frequencies, output, dtype="float32", tokeni
     model.get_edge_graph().check()
     if dtype != "float32":
         model.to(getattr(torch, dtype))
-    model.save_pretrained(output)
 
-    if tokenizer_json is not None:
-        tokenizer = tokenizer_from_json(tokenizer_json, vocab)
-    elif is_character_vocabulary(vocab):
-        tokenizer = character_tokenizer(vocab, unk_token="<unk>" if "<unk>" in vocab else "[UNK]")
-    else:
-        tokenizer = None
-        print(
-            "note: the vocabulary has multi-character tokens and no --tokenizer-json was given, so no tokenizer was "
-            "written; pass the released BPE file (e.g. wiki_bpe_tokenizer_4000_bytelevel.json) to add one.",
-            file=sys.stderr,
-        )
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output)
+    files = [f"checkpoint `{Path(checkpoint).name}`", f"vocabulary `{Path(vocab_path).name}`"]
+    files += [f"edge frequencies `{Path(frequencies).name}`"]
+    files += [f"tokenizer `{Path(tokenizer_json).name}`"] if tokenizer_json else []
+    made_from = (
+        f"Converted from the reference BriLLM0.5 files ({', '.join(files)}) by "
+        f"`conversion/convert_official_checkpoint.py` (brillm {__version__}), stored as {dtype}. Reference code: "
+        "https://github.com/brillm05/BriLLM0.5; released weights: https://huggingface.co/BriLLM/BriLLM0.5. "
+        f"`position_shift={position_shift}` follows the reference "
+        f"{'forward (training)' if position_shift == 1 else 'decoder'}; `suppress_self_loop=True`: like the "
+        "reference decoder, generation never proposes the current token again."
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
+    try:
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, staging)
+        write_model_card(staging, config, made_from=made_from, language=language, license=license)
+        replace_folder(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return model
+
+
+def check_output_folder(output):
+    """Refuse an ``output`` that is a file, or a non-empty folder that does not hold a BriLLM checkpoint."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"{output} exists and is not a folder.")
+    if output.is_dir() and any(output.iterdir()):
+        config = output / "config.json"
+        if not config.is_file() or read_json(config).get("model_type") != "brillm":
+            raise ConversionError(
+                f"{output} is a non-empty folder without a BriLLM checkpoint; refusing to replace it (choose a new "
+                "--output)."
+            )
+
+
+def current_umask():
+    """The process's file-creation mask (new files get ``0o666 & ~mask``, folders ``0o777 & ~mask``)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_folder(staging, output):
+    """Move the finished folder ``staging`` to ``output``, replacing an earlier checkpoint there."""
+    if not output.exists():
+        os.rename(staging, output)
+        return
+    previous = staging.with_name(staging.name + ".previous")
+    os.rename(output, previous)
+    os.rename(staging, output)
+    shutil.rmtree(previous)
 
 
 def main(argv=None):
@@ -174,12 +304,24 @@ def main(argv=None):
         default=1,
         help="1: the reference training convention (its forward); 0: reproduce the reference decoder",
     )
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (a bigger tensor gets its own)")
+    parser.add_argument("--language", help="language code for the model card (default: guessed from the tokenizer)")
+    parser.add_argument("--license", default="unknown", help="licence for the model card metadata")
     args = parser.parse_args(argv)
     try:
         model = convert(
-            args.checkpoint, args.vocab, args.frequencies, args.output, args.dtype, args.tokenizer_json, args.position_shift
+            args.checkpoint,
+            args.vocab,
+            args.frequencies,
+            args.output,
+            args.dtype,
+            args.tokenizer_json,
+            args.position_shift,
+            max_shard_size=args.max_shard_size,
+            language=args.language,
+            license=args.license,
         )
-    except (ConversionError, FileNotFoundError, json.JSONDecodeError) as error:
+    except (ValueError, OSError) as error:  # ConversionError, a tokenizer that does not fit, an unreadable file
         parser.exit(2, f"error: {error}\n")
     config = model.config
     print(

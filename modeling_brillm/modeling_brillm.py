@@ -6,10 +6,12 @@ Notation used in shape comments: B batch, T chunk length, d hidden size, V vocab
 N scored positions, M owned (position, target) pairs.
 
 This file is copied next to the weights by ``save_pretrained`` and loaded as remote code: it imports only
-torch, transformers and its flat sibling ``configuration_brillm``.
+torch, transformers and its flat siblings ``configuration_brillm`` and ``hub_brillm`` (model cards, publishing).
 """
 
 import inspect
+import math
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_brillm import BriLLMConfig
+from .hub_brillm import push_folder, write_model_card
 
 # ----------------------------------------------------------------------------------------------------------------
 # Positional encoding
@@ -157,6 +160,12 @@ class BriLLMEdgeGraph(nn.Module):
         hit = self._edge_keys[found.clamp(max=self._edge_keys.numel() - 1)] == keys
         return torch.where(hit, found + 1, torch.zeros_like(found))
 
+    def slot(self, source, target):
+        """Slot of one edge given as host ints (0 when shared): a binary search in the source's row."""
+        lo, hi = self.row_ptr[source : source + 2].tolist()
+        k = lo + int(torch.searchsorted(self.col_idx[lo:hi], target))
+        return 1 + k if k < hi and int(self.col_idx[k]) == target else 0
+
 
 def _edge_keys(row_ptr, col_idx, vocab_size):
     """``source * V + target`` of every owned edge, in slot order (sorted for a valid graph): (P-1,) int64."""
@@ -289,119 +298,340 @@ class BriLLMCache:
         return f"BriLLMCache(batch_size={self.batch_size}, seen_positions={self.seen_positions})"
 
 
+def _accumulate(cache, energy, logit):
+    """The running softmax after one more edge per text: ``exp(logit) * energy`` added to the cache's sums.
+
+    energy (B, d), logit (B,). Rescaled by the running maximum logit, so nothing overflows. Returns the new
+    numerator (B, d), denominator (B,) and maximum logit (B,); ``cache`` itself is left unchanged.
+    """
+    new_max = torch.where(cache.denominator > 0, torch.maximum(cache.max_logit, logit), logit).detach()
+    rescale = torch.exp((cache.max_logit - new_max).clamp(max=0))
+    weight = torch.exp(logit - new_max)
+    numerator = cache.numerator * rescale[:, None] + weight[:, None] * energy
+    return numerator, cache.denominator * rescale + weight, new_max
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring every target of many positions: one slab GEMM per source node
 
 
 @dataclass
 class _ScoringPlan:
-    """Positions grouped by source node, and where each owned (position, target) score goes."""
+    """Positions grouped by source node, and where each of their scores goes.
 
-    order: torch.Tensor  # (N,) positions sorted by source
-    groups: list  # [(slab_start, slab_end, first, count)] per distinct source; slab = weights[1 + start : 1 + end]
-    pair_position: torch.Tensor  # (M,) position of each owned score, in the order the kernel writes them
-    pair_target: torch.Tensor  # (M,) its target node
+    The kernels lay scores out as (M + N,): the owned scores group by group, each group a (targets, positions)
+    block of its source's slab, then the shared-slot score of every position.
+    """
+
+    order: torch.Tensor | None  # (N,) positions sorted by source, the kernels' order; None: already in it
+    inverse: torch.Tensor | None  # (N,) where each position went in that order
+    groups: list  # [(lo, hi, first, count)] per distinct source: slab 1 + lo .. hi, sorted positions first ..
+    pair_index: torch.Tensor  # (M,) position * V + target of each owned score, in kernel order
+    num_pairs: int  # M
+
+
+def _single_source_plan(graph, source):
+    """The plan of positions that all leave one node (a host int): one slab, nothing to sort. Only for N = 1."""
+    lo, hi = graph.row_ptr[source : source + 2].tolist()
+    return _ScoringPlan(None, None, [(lo, hi, 0, 1)], graph.col_idx[lo:hi].long(), hi - lo)
 
 
 def _plan_scoring(graph, sources):
+    if sources.numel() == 1:  # batch-1 generation
+        return _single_source_plan(graph, int(sources))
+    device = sources.device
     order = torch.argsort(sources, stable=True)
-    sorted_sources = sources[order]
-    distinct, counts = torch.unique_consecutive(sorted_sources, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    groups = list(
-        zip(
-            graph.row_ptr[distinct].tolist(),
-            graph.row_ptr[distinct + 1].tolist(),
-            starts.tolist(),
-            counts.tolist(),
-        )
-    )
-    # Pairs: for each sorted position, all owned targets of its source, position-major.
-    degree = graph.row_ptr[sorted_sources + 1] - graph.row_ptr[sorted_sources]  # (N,)
-    pair_position = torch.repeat_interleave(order, degree)
-    first_pair = torch.cumsum(degree, 0) - degree
-    rank_in_row = torch.arange(pair_position.numel(), device=sources.device) - torch.repeat_interleave(first_pair, degree)
-    pair_target = graph.col_idx[torch.repeat_interleave(graph.row_ptr[sorted_sources], degree) + rank_in_row].long()
-    return _ScoringPlan(order, groups, pair_position, pair_target)
+    distinct, counts = torch.unique_consecutive(sources[order], return_counts=True)  # (G,)
+    lo, hi = graph.row_ptr[distinct], graph.row_ptr[distinct + 1]
+    first = torch.cumsum(counts, 0) - counts
+    groups = torch.stack([lo, hi, first, counts], 1).tolist()  # the one host sync of a batch
+    num_pairs = sum((h - l) * c for l, h, _, c in groups)
+    # Owned score r of a group is its slab's target k = r // count, for its sorted position j = r % count.
+    block = (hi - lo) * counts  # (G,)
+    group = torch.repeat_interleave(torch.arange(len(groups), device=device), block, output_size=num_pairs)  # (M,)
+    rank = torch.arange(num_pairs, device=device) - (torch.cumsum(block, 0) - block)[group]
+    count = counts[group]
+    k = torch.div(rank, count, rounding_mode="floor")
+    position = order[first[group] + rank - k * count]
+    target = graph.col_idx[lo[group] + k]
+    return _ScoringPlan(order, torch.argsort(order), groups, position * graph.vocab_size + target, num_pairs)
 
 
 def _compute_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _gelu(z):
+    """Exact GELU, on CPU by torch's own vectorized kernel whatever the size.
+
+    ``F.gelu`` hands contiguous float32 CPU tensors to oneDNN, whose per-call setup and thread start cost far more
+    than the arithmetic of one signal (about 10 us against 1 us) and stall on busy cores. A non-contiguous view of
+    the same memory keeps the call in torch's kernel (which stays on one thread below 32k elements).
+    """
+    if z.device.type != "cpu":
+        return F.gelu(z)
+    return F.gelu(z.reshape(-1, 2).t()).t().reshape(z.shape)  # d is even
+
+
+def _preactivations(signal, pe, weights, biases, plan):
+    """``z = x W + b + pe`` of the plan's owned pairs, then of the shared slot: (M + N, d) in kernel order.
+
+    signal and pe are (N, d) in plan order. Each source's slab is read once, as a view of ``weights``: one batched
+    GEMM of all that source's signals, written straight into its block of z.
+    """
+    N, d = signal.shape
+    compute = signal.dtype
+    z = signal.new_empty(plan.num_pairs + N, d)
+    start = 0
+    for lo, hi, first, count in plan.groups:
+        if hi == lo:
+            continue
+        rows, slab = slice(first, first + count), slice(1 + lo, 1 + hi)
+        block = z[start : start + (hi - lo) * count].view(hi - lo, count, d)
+        x = signal[rows].expand(hi - lo, count, d)
+        torch.baddbmm(biases[slab].to(compute), x, weights[slab].to(compute), out=block)
+        block += pe[rows]
+        start += (hi - lo) * count
+    shared = z[start:]
+    torch.addmm(biases[0].to(compute), signal, weights[0].to(compute), out=shared)
+    shared += pe
+    return z
+
+
+def _write(out, op, *args, **kwargs):
+    """``op(*args, **kwargs)`` written into ``out``, a gradient view that may hold a lower precision."""
+    if out.dtype == args[0].dtype:
+        op(*args, **kwargs, out=out)
+    else:
+        out.copy_(op(*args, **kwargs))
+
+
+class _SlotGradient:
+    """The gradient of ``weights`` or ``biases`` (P, ...) that one backward of `_EdgeScores` builds.
+
+    Dense: a full-size tensor, zero except the touched slots. Sparse: a coalesced COO tensor whose values hold only
+    slot 0 and the slabs of the plan's sources, in slot order. Either way each slab's gradient is written once,
+    into its own view, and `add_rows` lets the recurrence's true-edge gather add its few rows in place.
+    """
+
+    def __init__(self, param, plan, sparse):
+        self.shape, self.sparse = param.shape, sparse
+        if not sparse:
+            self.values = torch.zeros_like(param)
+            return
+        slabs = [(lo, hi) for lo, hi, _, _ in plan.groups if hi > lo]
+        slots = [torch.zeros(1, dtype=torch.long)] + [torch.arange(1 + lo, 1 + hi) for lo, hi in slabs]
+        self.slots = torch.cat(slots).to(param.device)  # (S,) sorted: groups come in source order
+        self.values = param.new_empty(self.slots.numel(), *param.shape[1:])
+        sizes = torch.tensor([1] + [hi - lo for lo, hi in slabs])
+        self.first_row = dict(zip((lo for lo, _ in slabs), (torch.cumsum(sizes, 0) - sizes)[1:].tolist()))
+
+    def slot_zero(self):
+        return self.values[0]
+
+    def slab(self, lo, hi):
+        first = self.first_row[lo] if self.sparse else 1 + lo
+        return self.values[first : first + hi - lo]
+
+    def add_rows(self, slots, grad):
+        """Add ``grad`` (n, ...) at ``slots`` (n,); False (nothing added) when a sparse gradient lacks a slot."""
+        if self.sparse:
+            found = torch.searchsorted(self.slots, slots).clamp(max=self.slots.numel() - 1)
+            if not bool((self.slots[found] == slots).all()):
+                return False
+            slots = found
+        self.values.index_add_(0, slots, grad.to(self.values.dtype))
+        return True
+
+    def tensor(self):
+        if not self.sparse:
+            return self.values
+        return torch.sparse_coo_tensor(
+            self.slots[None], self.values, self.shape, is_coalesced=True, check_invariants=False
+        )
+
+
+class _GradientLink:
+    """Lets the recurrence's gather of true-edge slots add into the scoring kernel's slot gradients in place.
+
+    Both read ``weights`` and ``biases``; left to autograd, their two gradients would be summed into a third
+    full-size (dense) or concatenated (sparse) tensor. The kernel's backward runs first (the recurrence feeds its
+    signals): it leaves its `_SlotGradient`s here, tagged with the running backward pass, and the gather's backward
+    in that same pass adds its rows into them and returns no gradient of its own.
+    """
+
+    def __init__(self, sparse):
+        self.sparse = sparse
+        self.pending = {}  # "weights" / "biases" -> (backward pass id, _SlotGradient)
+
+    def leave(self, name, gradient):
+        self.pending[name] = (torch._C._current_graph_task_id(), gradient)
+
+    def take(self, name):
+        task, gradient = self.pending.pop(name, (None, None))
+        return gradient if task == torch._C._current_graph_task_id() else None
+
+
 class _EdgeScores(torch.autograd.Function):
-    """Scores ``||GELU(x W + b + pe)||`` of every owned edge of each position's source, and of the shared slot.
+    """Scores ``||GELU(x W + b + pe)||`` of the plan's owned pairs and of the shared slot: (M + N,).
 
-    Forward reads each source's slab of ``weights`` as a view (one batched GEMM for all positions of that
-    source); backward recomputes the energies and writes the slab gradients directly, so autograd never
-    materialises a full-size gradient per slab.
-    Inputs are sorted by source (``plan.order``); outputs: owned scores (M,) in plan pair order, shared (N,).
+    Forward keeps the pre-activations z (M + N, d). Backward recomputes GELU from z, reads each slab once more for
+    the signal gradient, and writes each slab's gradient into its own view of one `_SlotGradient` (dense, or
+    sparse when ``sparse``), never a full-size gradient per slab. ``link`` (optional) is the `_GradientLink`
+    shared with the recurrence that produced the signals.
     """
 
     @staticmethod
-    def forward(ctx, signal, pe, weights, biases, plan):
-        ctx.save_for_backward(signal, pe, weights, biases)
-        ctx.plan = plan
-        compute = _compute_dtype(weights.dtype)
-        shared = _slab_energies(signal, pe, weights[0:1], biases[0:1], compute)[1][0]  # (N,)
-        owned = signal.new_empty(plan.pair_position.numel(), dtype=compute)
-        offset = 0
-        for lo, hi, first, count in plan.groups:
-            if hi == lo:
-                continue
-            rows = slice(first, first + count)
-            scores = _slab_energies(signal[rows], pe[rows], weights[1 + lo : 1 + hi], biases[1 + lo : 1 + hi], compute)[1]
-            owned[offset : offset + scores.numel()] = scores.t().reshape(-1)  # position-major
-            offset += scores.numel()
-        return owned, shared
+    def forward(ctx, signal, pe, weights, biases, plan, sparse, link):
+        z = _preactivations(signal, pe, weights, biases, plan)
+        scores = torch.linalg.vector_norm(_gelu(z), dim=-1)
+        ctx.save_for_backward(signal, z, scores, weights, biases)
+        ctx.plan, ctx.sparse, ctx.link = plan, sparse, link
+        return scores
 
     @staticmethod
-    def backward(ctx, grad_owned, grad_shared):
-        signal, pe, weights, biases = ctx.saved_tensors
+    def backward(ctx, grad_scores):
+        signal, z, scores, weights, biases = ctx.saved_tensors
         plan = ctx.plan
-        compute = _compute_dtype(weights.dtype)
-        need_x, _, need_w, need_b, _ = ctx.needs_input_grad
-        grad_signal = torch.zeros_like(signal, dtype=compute)
-        grad_weights = torch.zeros_like(weights) if need_w else None
-        grad_biases = torch.zeros_like(biases) if need_b else None
-
-        def slab_backward(rows, lo, hi, grad_scores):  # grad_scores (m, n)
-            x = signal[rows].to(compute)
-            w = weights[lo:hi].to(compute)
-            z, scores, y = _slab_energies(signal[rows], pe[rows], weights[lo:hi], biases[lo:hi], compute, keep=True)
-            grad_y = (grad_scores / scores.clamp_min(torch.finfo(compute).tiny)).unsqueeze(-1) * y
-            grad_z = torch.ops.aten.gelu_backward(grad_y, z)  # (m, n, d)
-            if need_x:
-                grad_signal[rows] += torch.matmul(grad_z, w.transpose(1, 2)).sum(0)
-            if need_w:
-                grad_weights[lo:hi] += torch.matmul(x.t(), grad_z).to(weights.dtype)
-            if need_b:
-                grad_biases[lo:hi] += grad_z.sum(1, keepdim=True).to(biases.dtype)
-
-        slab_backward(slice(None), 0, 1, grad_shared.unsqueeze(0))
-        offset = 0
+        need_x, _, need_w, need_b, _, _, _ = ctx.needs_input_grad
+        d, compute = signal.shape[1], signal.dtype
+        y = _gelu(z)
+        grad_y = y.mul_((grad_scores / scores.clamp_min(torch.finfo(compute).tiny))[:, None])
+        grad_z = torch.ops.aten.gelu_backward(grad_y, z)  # (M + N, d)
+        del y, grad_y
+        grad_x = torch.zeros_like(signal) if need_x else None
+        grad_w = _SlotGradient(weights, plan, ctx.sparse) if need_w else None
+        grad_b = _SlotGradient(biases, plan, ctx.sparse) if need_b else None
+        start = 0
         for lo, hi, first, count in plan.groups:
             if hi == lo:
                 continue
-            size = (hi - lo) * count
-            grad = grad_owned[offset : offset + size].view(count, hi - lo).t()
-            slab_backward(slice(first, first + count), 1 + lo, 1 + hi, grad)
-            offset += size
-        return grad_signal.to(signal.dtype) if need_x else None, None, grad_weights, grad_biases, None
+            rows, m = slice(first, first + count), hi - lo
+            block = grad_z[start : start + m * count].view(m, count, d)
+            if need_x:
+                grad_x[rows] += torch.matmul(block, weights[1 + lo : 1 + hi].to(compute).transpose(1, 2)).sum(0)
+            if need_w:
+                _write(grad_w.slab(lo, hi), torch.matmul, signal[rows].t(), block)  # (m, d, d)
+            if need_b:
+                _write(grad_b.slab(lo, hi), torch.sum, block, 1, keepdim=True)  # (m, 1, d)
+            start += m * count
+        shared = grad_z[start:]  # (N, d)
+        if need_x:
+            grad_x.addmm_(shared, weights[0].to(compute).t())
+        if need_w:
+            _write(grad_w.slot_zero(), torch.matmul, signal.t(), shared)
+        if need_b:
+            _write(grad_b.slot_zero(), torch.sum, shared, 0, keepdim=True)
+        if ctx.link is not None:
+            for name, gradient in (("weights", grad_w), ("biases", grad_b)):
+                if gradient is not None:
+                    ctx.link.leave(name, gradient)
+        return (
+            grad_x,
+            None,
+            grad_w.tensor() if need_w else None,
+            grad_b.tensor() if need_b else None,
+            None,
+            None,
+            None,
+        )
 
 
-def _slab_energies(x, pe, slab_weights, slab_biases, compute, keep=False):
-    """Energies of n positions through m edges: x (n, d), pe (n, d), slab (m, d, d), (m, 1, d).
+class _GatherSlots(torch.autograd.Function):
+    """``param[slots]``: the recurrence's true-edge matrices or biases (n, ...).
 
-    Returns ``(z, scores, y)`` with z, y (m, n, d) pre-/post-GELU and scores (m, n) = ||y||; z and y are
-    dropped unless ``keep`` (forward only needs the scores).
+    Backward adds its rows into the scoring kernel's gradient of the same pass when there is one (see
+    `_GradientLink`), so ``param`` receives a single gradient; otherwise it returns its own, sparse or dense.
     """
-    z = torch.matmul(x.to(compute), slab_weights.to(compute))  # (m, n, d)
-    z += slab_biases.to(compute)
-    z += pe.to(compute)
-    y = F.gelu(z)
-    scores = torch.linalg.vector_norm(y, dim=-1)
-    return (z, scores, y) if keep else (None, scores, None)
+
+    @staticmethod
+    def forward(ctx, param, slots, link, name):
+        ctx.save_for_backward(slots)
+        ctx.link, ctx.name, ctx.shape = link, name, param.shape
+        return param.index_select(0, slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slots,) = ctx.saved_tensors
+        kernel = ctx.link.take(ctx.name)
+        if kernel is not None and kernel.add_rows(slots, grad):
+            return None, None, None, None
+        if ctx.link.sparse:
+            return torch.sparse_coo_tensor(slots[None], grad, ctx.shape), None, None, None
+        return grad.new_zeros(ctx.shape).index_add_(0, slots, grad), None, None, None
+
+
+def _gather_slots(param, slots, link, name):
+    """``param[slots]`` (n, ...); through `_GatherSlots` when a backward will want its gradient."""
+    if link is None:
+        return param.index_select(0, slots)
+    return _GatherSlots.apply(param, slots, link, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optional: the same no-grad scoring as one fused GPU kernel (Triton), used only on CUDA when triton is installed
+
+try:  # remote code must import without triton, so it stays optional
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _scores_kernel(signal, pe, weights, biases, out, slots, firsts, counts, starts, D: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per slab row (one edge matrix, read once): the scores of every position of its group.
+        r = tl.program_id(0)
+        slot = tl.load(slots + r).to(tl.int64)
+        first, count, start = tl.load(firsts + r), tl.load(counts + r), tl.load(starts + r)
+        i = tl.arange(0, BLOCK)
+        inside = i < D
+        w = tl.load(weights + slot * D * D + i[:, None] * D + i[None, :], mask=inside[:, None] & inside[None, :])
+        b = tl.load(biases + slot * D + i, mask=inside, other=0.0).to(tl.float32)
+        j = 0
+        while j < count:  # (not `range`: the interpreter, TRITON_INTERPRET=1, needs a static bound there)
+            x = tl.load(signal + (first + j) * D + i, mask=inside, other=0.0)
+            z = tl.sum(x[:, None] * w.to(tl.float32), axis=0) + b
+            z += tl.load(pe + (first + j) * D + i, mask=inside, other=0.0)
+            y = tl.where(inside, 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), 0.0)
+            tl.store(out + start + j, tl.sqrt(tl.sum(y * y, axis=0)))
+            j += 1
+
+
+class _TritonScores:
+    """The scores (M + N,) of a plan by `_scores_kernel`, for no-grad float32 scoring on CUDA with triton installed.
+
+    PyTorch (`_preactivations`) computes the same everywhere else; ``triton_scores.enabled = False`` turns it off.
+    """
+
+    enabled = True
+
+    def available(self):
+        return triton is not None and torch.cuda.is_available()
+
+    def usable(self, signal, weights):
+        return self.enabled and signal.is_cuda and signal.dtype == torch.float32 and self.available()
+
+    def __call__(self, signal, pe, weights, biases, plan):
+        N, d = signal.shape
+        device = signal.device
+        lo, hi, first, count = torch.tensor(plan.groups, device=device).view(-1, 4).unbind(1)  # (G,) each
+        rows = hi - lo  # slab rows per group
+        start = torch.cumsum(rows * count, 0) - rows * count  # first score of each group
+        group = torch.repeat_interleave(torch.arange(rows.numel(), device=device), rows)  # (R,) group of each row
+        k = torch.arange(group.numel(), device=device) - (torch.cumsum(rows, 0) - rows)[group]
+        table = torch.stack([1 + lo[group] + k, first[group], count[group], start[group] + k * count[group]])
+        shared = torch.tensor([[0], [0], [N], [plan.num_pairs]], device=device)  # slot 0, for every position
+        slots, firsts, counts, starts = torch.cat([table, shared], 1).int()  # (R + 1,) each
+        out = signal.new_empty(plan.num_pairs + N)
+        block = triton.next_power_of_2(d)
+        args = (signal.contiguous(), pe.contiguous(), weights.contiguous(), biases.contiguous(), out)
+        _scores_kernel[(slots.numel(),)](*args, slots, firsts, counts, starts, D=d, BLOCK=block)
+        return out
+
+
+triton_scores = _TritonScores()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -466,6 +696,21 @@ class BriLLMPreTrainedModel(PreTrainedModel):
         """The model's `BriLLMEdgeGraph` (slot map)."""
         return self.base_model.graph
 
+    def set_sparse_gradients(self, enabled=True):
+        """Give ``weights`` and ``biases`` sparse COO gradients that hold only the slots a batch touched.
+
+        A batch touches slot 0 and the slabs of the nodes it passes through (a few percent of all slots), so a
+        sparse gradient skips writing, zeroing and reading the full (P, d, d) tensor every step, and an optimizer
+        that updates only those rows skips the rest too. Dense gradients stay the default because every
+        optimizer, gradient clipping and `Trainer` accept them; ``node_bias`` and ``positions`` are always dense.
+        Sparse gradients need an optimizer that takes them: `torch.optim.SGD` (plain, or with momentum: its
+        buffer becomes dense), `torch.optim.SparseAdam` (slow on CPU), or a lazy-row AdamW that applies the
+        AdamW step to the touched rows only (``index_select`` the rows of parameter, moments and gradient values,
+        run the step on them, ``index_copy_`` them back); the default AdamW raises on them. The setting is not
+        saved with the model.
+        """
+        self.base_model.sparse_gradients = enabled
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # One checkpoint serves AutoConfig, AutoModel and AutoModelForCausalLM as remote code.
         self.config.auto_map = {
@@ -473,7 +718,17 @@ class BriLLMPreTrainedModel(PreTrainedModel):
             "AutoModel": "modeling_brillm.BriLLMModel",
             "AutoModelForCausalLM": "modeling_brillm.BriLLMForCausalLM",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_model_card(save_directory, self.config, overwrite=False)  # a default card; callers may add more
+        return saved
+
+    def push_to_hub(self, repo_id, *, max_shard_size="50GB", tags=(), **hub_kwargs):
+        """Upload weights, code and model card in one commit (`hub_brillm.push_folder` takes ``hub_kwargs``)."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            write_model_card(folder, self.config, repo_id=repo_id, tags=list(tags or ()))
+            return push_folder(folder, repo_id, **hub_kwargs)
 
 
 class BriLLMModel(BriLLMPreTrainedModel):
@@ -510,6 +765,7 @@ class BriLLMModel(BriLLMPreTrainedModel):
         self.node_bias = nn.Parameter(torch.empty(V, 1, d))
         self.positions = nn.Parameter(torch.empty(1, config.max_position_embeddings, 1))
         self.graph = BriLLMEdgeGraph(V, P)
+        self.sparse_gradients = False  # see `set_sparse_gradients`
         self.post_init()
 
     def forward(
@@ -533,14 +789,16 @@ class BriLLMModel(BriLLMPreTrainedModel):
         if not cache.is_initialized:
             compute = _compute_dtype(self.weights.dtype)
             cache.initialize(input_ids.shape[0], self.config.hidden_size, input_ids.device, compute)
-        signals, energies, positions = self._flow(input_ids, mask, cache)
-        return BriLLMModelOutput(
+        signals, energies, positions, link = self._flow(input_ids, mask, cache)
+        output = BriLLMModelOutput(
             last_hidden_state=signals,
             energies=energies,
             signal_positions=positions,
             cache=cache if use_cache else None,
             hidden_states=(signals,) if output_hidden_states else None,
         )
+        output.gradient_link = link  # an attribute, not an output field: internal to BriLLMForCausalLM
+        return output
 
     def _check_inputs(self, input_ids, attention_mask, cache):
         if input_ids is None:
@@ -581,7 +839,8 @@ class BriLLMModel(BriLLMPreTrainedModel):
     def _flow(self, input_ids, mask, cache):
         """Advance ``cache`` over a chunk, left to right; padded positions leave the state unchanged.
 
-        Returns signals (B, T, d), energies (B, T, d) and the index of each token's out-edge (B, T).
+        Returns signals (B, T, d), energies (B, T, d), the index of each token's out-edge (B, T), and the
+        `_GradientLink` of the true-edge gather (None without autograd), for `score_next`.
         """
         B, T = input_ids.shape
         d, V = self.config.hidden_size, self.config.vocab_size
@@ -599,30 +858,27 @@ class BriLLMModel(BriLLMPreTrainedModel):
         arriving_edge = (tokens_before - 1).clamp(min=0)  # index of the edge that arrives at each position
         # One gather for all arriving edges (per-step indexing of a Parameter would cost a full-size grad each).
         slots = self.graph.slots(prev_token.clamp(min=0), input_ids).reshape(-1)
-        edge_w = self.weights.index_select(0, slots).view(B, T, d, d).to(compute)
-        edge_b = self.biases.index_select(0, slots).view(B, T, d).to(compute)
+        link = None
+        if torch.is_grad_enabled() and (self.weights.requires_grad or self.biases.requires_grad):
+            link = _GradientLink(self.sparse_gradients)
+        edge_w = _gather_slots(self.weights, slots, link, "weights").view(B, T, d, d).to(compute)
+        edge_b = _gather_slots(self.biases, slots, link, "biases").view(B, T, d).to(compute)
         last_pe = int(arriving_edge.max()) + max(self.config.position_shift, 1) + 1
         pe_table = sinusoidal_positions(last_pe, d, device).to(compute)
         edge_pe = pe_table[arriving_edge + self.config.position_shift]  # (B, T, d)
         max_learned = self.config.max_position_embeddings - 1
         edge_logit = self.positions.view(-1)[arriving_edge.clamp(max=max_learned)].to(compute)  # (B, T)
-        start = F.gelu(1.0 / d + self.node_bias.view(V, d)[input_ids].to(compute) + pe_table[0])  # (B, T, d)
+        start = _gelu(1.0 / d + self.node_bias.view(V, d)[input_ids].to(compute) + pe_table[0])  # (B, T, d)
 
         signals, energies = [], []
         for t in range(T):
             present = mask[:, t]
             is_first = present & (tokens_before[:, t] == 0)
             is_edge = present & (tokens_before[:, t] > 0)
-            energy = F.gelu(
+            energy = _gelu(
                 torch.bmm(cache.signal.unsqueeze(1), edge_w[:, t]).squeeze(1) + edge_b[:, t] + edge_pe[:, t]
             )  # (B, d)
-            # Running softmax over positional logits, rescaled by the running maximum (never overflows).
-            logit = edge_logit[:, t]
-            new_max = torch.where(cache.denominator > 0, torch.maximum(cache.max_logit, logit), logit).detach()
-            rescale = torch.exp((cache.max_logit - new_max).clamp(max=0))
-            weight = torch.exp(logit - new_max)
-            numerator = cache.numerator * rescale[:, None] + weight[:, None] * energy
-            denominator = cache.denominator * rescale + weight
+            numerator, denominator, new_max = _accumulate(cache, energy, edge_logit[:, t])
             edge_rows, first_rows = is_edge[:, None], is_first[:, None]
             cache.signal = torch.where(
                 edge_rows, numerator / denominator[:, None], torch.where(first_rows, start[:, t], cache.signal)
@@ -639,33 +895,122 @@ class BriLLMModel(BriLLMPreTrainedModel):
                 torch.where(edge_rows, energy, torch.where(first_rows, start[:, t], torch.zeros_like(energy)))
             )
         signal_positions = torch.where(mask, tokens_before, torch.full_like(tokens_before, -1))
-        return torch.stack(signals, 1), torch.stack(energies, 1), signal_positions
+        return torch.stack(signals, 1), torch.stack(energies, 1), signal_positions, link
 
-    def score_next(self, sources, signals, signal_positions):
+    def _decode_step(self, input_ids, attention_mask, cache):
+        """Advance ``cache`` by one token per text and score the next one: logits (B, V), no autograd.
+
+        Generation's lean path, equal to `forward` + `score_next` on a (B, 1) chunk whose texts all hold a token
+        already: one gather of the arriving edges, one running-softmax update, one scoring plan. Returns None,
+        having touched nothing, for any other chunk (padding, a text's first token, bad input), which the general
+        path then takes (and explains, if bad).
+        """
+        if not self._decodable(input_ids, attention_mask, cache):
+            return None
+        if input_ids.shape[0] == 1:
+            return self._decode_one(input_ids[0], cache)
+        d, shift, compute = self.config.hidden_size, self.config.position_shift, cache.signal.dtype
+        token = input_ids[:, 0]  # (B,)
+        edge = cache.num_tokens - 1  # (B,) index of the edge arriving at token
+        pe = sinusoidal_positions(int(cache.num_tokens.max()) + shift + 1, d, token.device).to(compute)
+        slots = self.graph.slots(cache.last_token, token)
+        energy = _gelu(
+            torch.bmm(cache.signal[:, None], self.weights[slots].to(compute))[:, 0]
+            + self.biases[slots, 0].to(compute)
+            + pe[edge + shift]
+        )  # (B, d)
+        logit = self.positions.view(-1)[edge.clamp(max=self.config.max_position_embeddings - 1)].to(compute)
+        cache.numerator, cache.denominator, cache.max_logit = _accumulate(cache, energy, logit)
+        cache.signal = cache.numerator / cache.denominator[:, None]
+        cache.last_token, cache.num_tokens = token, cache.num_tokens + 1
+        cache.seen_positions += 1
+        cache._record()
+        return self._score(token, cache.signal, pe[edge + 1 + shift])
+
+    def _decodable(self, input_ids, attention_mask, cache):
+        """Whether `_decode_step` may take this chunk: one valid token per text, each after at least one other."""
+        if not (isinstance(cache, BriLLMCache) and cache.is_initialized and isinstance(input_ids, torch.Tensor)):
+            return False
+        B = cache.batch_size
+        if input_ids.dtype not in (torch.int64, torch.int32) or tuple(input_ids.shape) != (B, 1):
+            return False
+        checks = [input_ids.min(), input_ids.max(), cache.num_tokens.min()]
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+                return False
+            if attention_mask.shape[0] != B or attention_mask.shape[1] not in (1, cache.seen_positions + 1):
+                return False
+            checks.append((attention_mask[:, -1] == 1).all())
+        self.graph.check()
+        low, high, fewest, *unmasked = torch.stack([c.long() for c in checks]).tolist()
+        return 0 <= low and high < self.config.vocab_size and fewest > 0 and all(unmasked)
+
+    def _decode_one(self, token, cache):
+        """`_decode_step` for one text, its scalars on the host: a few dozen small operations per token.
+
+        The arithmetic is `_flow`'s; the running-softmax scalars are computed in Python (double precision) and
+        stored back into the cache's float tensors.
+        """
+        d, shift, compute = self.config.hidden_size, self.config.position_shift, cache.signal.dtype
+        source, target, before = int(cache.last_token), int(token), int(cache.num_tokens)  # arriving edge before - 1
+        pe = sinusoidal_positions(before + shift + 1, d, token.device).to(compute)
+        slot = self.graph.slot(source, target)
+        z = cache.signal.mm(self.weights[slot].to(compute)) + self.biases[slot].to(compute) + pe[before - 1 + shift]
+        logit = float(self.positions.view(-1)[min(before - 1, self.config.max_position_embeddings - 1)])
+        old_max, old_sum = float(cache.max_logit), float(cache.denominator)
+        new_max = max(old_max, logit) if old_sum > 0 else logit
+        rescale, weight = math.exp(min(old_max - new_max, 0.0)), math.exp(logit - new_max)
+        cache.numerator = torch.add(cache.numerator * rescale, _gelu(z), alpha=weight)  # (1, d)
+        cache.denominator = torch.full_like(cache.denominator, old_sum * rescale + weight)
+        cache.max_logit = torch.full_like(cache.max_logit, new_max)
+        cache.signal = cache.numerator / float(cache.denominator)
+        cache.last_token, cache.num_tokens = token, cache.num_tokens + 1
+        cache.seen_positions += 1
+        cache._record()
+        plan = _single_source_plan(self.graph, target)
+        return self._score_planned(plan, cache.signal, pe[before + shift : before + shift + 1])
+
+    def _score(self, sources, signals, pe, gradient_link=None):
+        """Full-vocabulary logits (N, V) of N positions: sources (N,), signals and their PE rows (N, d)."""
+        return self._score_planned(_plan_scoring(self.graph, sources), signals, pe, gradient_link)
+
+    def _score_planned(self, plan, signals, pe, gradient_link=None):
+        V = self.config.vocab_size
+        if plan.order is not None:
+            signals, pe = signals[plan.order], pe[plan.order]
+        weights, biases = self.weights, self.biases
+        if torch.is_grad_enabled() and (signals.requires_grad or weights.requires_grad or biases.requires_grad):
+            scores = _EdgeScores.apply(signals, pe, weights, biases, plan, self.sparse_gradients, gradient_link)
+        elif triton_scores.usable(signals, weights):
+            scores = triton_scores(signals, pe, weights, biases, plan)
+        else:  # nothing to keep
+            scores = torch.linalg.vector_norm(_gelu(_preactivations(signals, pe, weights, biases, plan)), dim=-1)
+        shared = scores[plan.num_pairs :]  # (N,)
+        if plan.order is not None:
+            shared = shared[plan.inverse]  # back in position order
+        logits = shared[:, None].expand(-1, V).contiguous().view(-1)  # (N * V,)
+        return logits.index_put_((plan.pair_index,), scores[: plan.num_pairs]).view(-1, V)
+
+    def score_next(self, sources, signals, signal_positions, gradient_link=None):
         """Full-vocabulary next-token logits: (B, T, V) from sources (B, T), signals (B, T, d), edge indices (B, T).
 
         ``logits[b, t, v] = ||GELU(x W[slot(u, v)] + b[slot(u, v)] + PE[i + position_shift])||`` with
         ``u = sources[b, t]``, ``x = signals[b, t]``, ``i = signal_positions[b, t]``. Every shared target of
         ``u`` takes the one shared-slot score; owned targets are scored one source slab at a time. Positions
-        with ``signal_positions < 0`` (padding) get all-zero logits.
+        with ``signal_positions < 0`` (padding) get all-zero logits. ``gradient_link`` is internal: the
+        `_GradientLink` of the forward that produced ``signals``, so that ``weights`` gets one gradient.
         """
         B, T = sources.shape
         V, d = self.config.vocab_size, self.config.hidden_size
-        valid = (signal_positions >= 0).reshape(-1)
-        index = valid.nonzero().squeeze(1)
-        flat_sources = sources.reshape(-1)[index]
-        flat_positions = signal_positions.reshape(-1)[index] + self.config.position_shift
-        x = signals.reshape(-1, d)[index]
+        index = (signal_positions >= 0).reshape(-1).nonzero().squeeze(1)  # unpadded positions (N,)
         if index.numel() == 0:
             return signals.new_zeros(B, T, V, dtype=torch.float32)
-        plan = _plan_scoring(self.graph, flat_sources)
-        pe = sinusoidal_positions(int(flat_positions.max()) + 1, d, x.device)[flat_positions[plan.order]]
-        owned, shared = _EdgeScores.apply(x[plan.order], pe, self.weights, self.biases, plan)
-        shared = shared[torch.argsort(plan.order)]  # back to position order, (N,)
-        logits = shared[:, None].expand(index.numel(), V)
-        logits = logits.index_put((plan.pair_position, plan.pair_target), owned)  # (N, V)
-        full = logits.new_zeros(B * T, V).index_copy(0, index, logits)
-        return full.view(B, T, V).float()
+        positions = signal_positions.reshape(-1)[index] + self.config.position_shift
+        pe = sinusoidal_positions(int(positions.max()) + 1, d, signals.device).to(signals.dtype)[positions]
+        logits = self._score(sources.reshape(-1)[index], signals.reshape(-1, d)[index], pe, gradient_link)
+        if index.numel() < B * T:  # padding scores nothing
+            logits = logits.new_zeros(B * T, V).index_copy(0, index, logits)
+        return logits.view(B, T, V).float()
 
 
 class _SuppressSelfLoop(LogitsProcessor):
@@ -733,6 +1078,11 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
         return_dict=None,
         **kwargs,
     ):
+        state = _pick_cache(past_key_values, cache)
+        lean = labels is None and not output_hidden_states and not torch.is_grad_enabled()
+        logits = self.model._decode_step(input_ids, attention_mask, state) if lean else None
+        if logits is not None:  # generation's lean path, same numbers
+            return CausalLMOutputWithPast(logits=logits[:, None].float(), past_key_values=None if use_cache is False else state)
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -743,7 +1093,10 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.model.score_next(
-            input_ids[:, keep], outputs.last_hidden_state[:, keep], outputs.signal_positions[:, keep]
+            input_ids[:, keep],
+            outputs.last_hidden_state[:, keep],
+            outputs.signal_positions[:, keep],
+            getattr(outputs, "gradient_link", None),  # absent when a hook rebuilt the output: only slower
         )
         loss = None
         if labels is not None:
