@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from .evaluation import character_lengths, evaluate_nll, summarize_nll
+from .hub_brillm import describe_tokenizer, write_model_card
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -427,6 +428,19 @@ def _final_report(output_dir, recipe, valid_set, char_lengths, tokens_done, seco
         out = model.generate(ids, max_new_tokens=recipe.train.sample_tokens, do_sample=True, top_p=0.9)
         print("Generated: " + tokenizer.decode(out[0], skip_special_tokens=True).replace("\n", " "))
     (Path(output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=1))
+    tokenizer_description, language = describe_tokenizer(output_dir)
+    write_model_card(
+        output_dir,
+        model.config,
+        made_from=(
+            f"Pre-trained with `brillm train` (recipe `{recipe.name}`: {recipe.train.objective} objective, "
+            f"{recipe.train.max_steps} steps of {recipe.train.batch_size} x {recipe.data.seq_len} tokens, AdamW lr "
+            f"{recipe.train.learning_rate}) on {', '.join(map(str, recipe.data.corpus)) or recipe.data.prepared}."
+        ),
+        evaluation={f"held-out {name}": value for name, value in metrics.items() if value is not None},
+        tokenizer=tokenizer_description,
+        language=language,
+    )
     return metrics
 
 

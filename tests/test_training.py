@@ -246,3 +246,13 @@ def test_eval_of_a_uniform_model_gives_log2_vocab_bits_per_token(prepared, tmp_p
     assert report["tokens"] == predicted == report["characters"]  # one character per token
     assert report["perplexity"] == pytest.approx(V, rel=1e-4)
     assert report["bits_per_char"] == pytest.approx(math.log2(V), rel=1e-4)
+
+
+def test_the_trained_model_has_a_card_with_its_recipe_and_scores(prepared, tmp_path):
+    from huggingface_hub import ModelCard
+
+    recipe = write_recipe(tmp_path / "r.json", prepared, tmp_path / "out", max_steps=2, save_steps=2, eval_steps=2)
+    assert run_train(recipe).returncode == 0
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "brillm train" in card.text and "held-out bits_per_char" in card.text
+    assert card.data.library_name == "transformers" and "brillm" in card.data.tags
