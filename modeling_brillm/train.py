@@ -213,7 +213,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def load_prepared(recipe, accelerator):
-    """Model, tokenizer and datasets of the recipe, preparing them from the corpus first if needed."""
+    """Model, tokenizer and dataset of the recipe, preparing them from the corpus first if needed."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
@@ -240,7 +240,7 @@ def load_prepared(recipe, accelerator):
     model = BriLLMForCausalLM.from_pretrained(prepared / "model")
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     dataset = load_from_disk(str(prepared / "dataset"))
-    return model, tokenizer, dataset, prepared
+    return model, tokenizer, dataset
 
 
 def train(recipe, resume=False, debug_dir=None):
@@ -259,7 +259,7 @@ def train(recipe, resume=False, debug_dir=None):
         project_dir=str(output_dir),
     )
     set_seed(settings.seed)
-    model, tokenizer, dataset, prepared = load_prepared(recipe, accelerator)
+    model, tokenizer, dataset = load_prepared(recipe, accelerator)
     train_set, valid_set = _as_tensors(dataset["train"]), _as_tensors(dataset["validation"])
     train_ids = train_set["input_ids"]
     char_lengths = character_lengths(tokenizer, model.config.vocab_size)
@@ -293,10 +293,11 @@ def train(recipe, resume=False, debug_dir=None):
         # Every process writes its own RNG state into a shared temporary folder; the main process finalises.
         tmp_state = output_dir / f".tmp-state-{state['step']}"
         accelerator.save_state(str(tmp_state))
+        weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process takes part
         accelerator.wait_for_everyone()
 
         def write(folder):
-            accelerator.unwrap_model(model).save_pretrained(folder)
+            accelerator.unwrap_model(model).save_pretrained(folder, state_dict=weights, save_function=accelerator.save)
             tokenizer.save_pretrained(folder)
             os.replace(tmp_state, folder / "accelerate")
             (folder / TRAINER_STATE).write_text(json.dumps(state, indent=1))
@@ -375,9 +376,9 @@ def train(recipe, resume=False, debug_dir=None):
     accelerator.wait_for_everyone()
     if seen is not None:
         _write_debug(debug_dir, accelerator, model, seen)
-    unwrapped = accelerator.unwrap_model(model)
+    weights = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
+        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=weights, save_function=accelerator.save)
         tokenizer.save_pretrained(output_dir)
     accelerator.end_training()
     if not accelerator.is_main_process:
