@@ -331,12 +331,13 @@ class _ScoringPlan:
 
 
 def _single_source_plan(graph, source):
-    """The plan of positions that all leave one node (a host int): one slab, nothing to sort. Only for N = 1."""
+    """The plan of one position leaving ``source`` (a host int): one slab, nothing to sort."""
     lo, hi = graph.row_ptr[source : source + 2].tolist()
     return _ScoringPlan(None, None, [(lo, hi, 0, 1)], graph.col_idx[lo:hi].long(), hi - lo)
 
 
 def _plan_scoring(graph, sources):
+    """Group positions by their source node (N,): see `_ScoringPlan`."""
     if sources.numel() == 1:  # batch-1 generation
         return _single_source_plan(graph, int(sources))
     device = sources.device
@@ -361,16 +362,13 @@ def _compute_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _gelu(z):
-    """Exact GELU, on CPU by torch's own vectorized kernel whatever the size.
-
-    ``F.gelu`` hands contiguous float32 CPU tensors to oneDNN, whose per-call setup and thread start cost far more
-    than the arithmetic of one signal (about 10 us against 1 us) and stall on busy cores. A non-contiguous view of
-    the same memory keeps the call in torch's kernel (which stays on one thread below 32k elements).
-    """
-    if z.device.type != "cpu":
-        return F.gelu(z)
-    return F.gelu(z.reshape(-1, 2).t()).t().reshape(z.shape)  # d is even
+def _gelu(z, inplace=False):
+    """Exact GELU (``inplace``: overwriting z, when large). ``F.gelu`` hands every contiguous float32 CPU tensor to
+    oneDNN, whose per-call setup (~10 us) dwarfs the arithmetic of a few signals (generation, the recurrence):
+    those take the erf formula instead."""
+    if z.numel() > 4096 or z.device.type != "cpu":
+        return torch.ops.aten.gelu_(z) if inplace else F.gelu(z)
+    return torch.erf(z * 0.7071067811865476).add_(1.0).mul_(z).mul_(0.5)
 
 
 def _preactivations(signal, pe, weights, biases, plan):
@@ -457,7 +455,8 @@ class _GradientLink:
     Both read ``weights`` and ``biases``; left to autograd, their two gradients would be summed into a third
     full-size (dense) or concatenated (sparse) tensor. The kernel's backward runs first (the recurrence feeds its
     signals): it leaves its `_SlotGradient`s here, tagged with the running backward pass, and the gather's backward
-    in that same pass adds its rows into them and returns no gradient of its own.
+    in that same pass adds its rows into them and returns no gradient of its own. (Autograd hands a parameter its
+    gradient only after every branch that reads it has run, so the kernel's tensor is still in flight then.)
     """
 
     def __init__(self, sparse):
@@ -497,8 +496,7 @@ class _EdgeScores(torch.autograd.Function):
         d, compute = signal.shape[1], signal.dtype
         y = _gelu(z)
         grad_y = y.mul_((grad_scores / scores.clamp_min(torch.finfo(compute).tiny))[:, None])
-        grad_z = torch.ops.aten.gelu_backward(grad_y, z)  # (M + N, d)
-        del y, grad_y
+        grad_z = torch.ops.aten.gelu_backward.grad_input(grad_y, z, grad_input=grad_y)  # (M + N, d), in y's memory
         grad_x = torch.zeros_like(signal) if need_x else None
         grad_w = _SlotGradient(weights, plan, ctx.sparse) if need_w else None
         grad_b = _SlotGradient(biases, plan, ctx.sparse) if need_b else None
@@ -557,7 +555,7 @@ class _GatherSlots(torch.autograd.Function):
         if kernel is not None and kernel.add_rows(slots, grad):
             return None, None, None, None
         if ctx.link.sparse:
-            return torch.sparse_coo_tensor(slots[None], grad, ctx.shape), None, None, None
+            return torch.sparse_coo_tensor(slots[None], grad, ctx.shape, check_invariants=False), None, None, None
         return grad.new_zeros(ctx.shape).index_add_(0, slots, grad), None, None, None
 
 
@@ -580,14 +578,17 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _scores_kernel(signal, pe, weights, biases, out, slots, firsts, counts, starts, D: tl.constexpr, BLOCK: tl.constexpr):
+    def _scores_kernel(
+        signal, pe, weights, biases, out, slots, firsts, counts, starts, D: tl.constexpr, BLOCK: tl.constexpr
+    ):
         # One program per slab row (one edge matrix, read once): the scores of every position of its group.
         r = tl.program_id(0)
         slot = tl.load(slots + r).to(tl.int64)
         first, count, start = tl.load(firsts + r), tl.load(counts + r), tl.load(starts + r)
         i = tl.arange(0, BLOCK)
         inside = i < D
-        w = tl.load(weights + slot * D * D + i[:, None] * D + i[None, :], mask=inside[:, None] & inside[None, :])
+        square = inside[:, None] & inside[None, :]
+        w = tl.load(weights + slot * D * D + i[:, None] * D + i[None, :], mask=square, other=0.0)  # (D, D)
         b = tl.load(biases + slot * D + i, mask=inside, other=0.0).to(tl.float32)
         j = 0
         while j < count:  # (not `range`: the interpreter, TRITON_INTERPRET=1, needs a static bound there)
@@ -610,7 +611,7 @@ class _TritonScores:
     def available(self):
         return triton is not None and torch.cuda.is_available()
 
-    def usable(self, signal, weights):
+    def usable(self, signal):
         return self.enabled and signal.is_cuda and signal.dtype == torch.float32 and self.available()
 
     def __call__(self, signal, pe, weights, biases, plan):
@@ -703,11 +704,9 @@ class BriLLMPreTrainedModel(PreTrainedModel):
         sparse gradient skips writing, zeroing and reading the full (P, d, d) tensor every step, and an optimizer
         that updates only those rows skips the rest too. Dense gradients stay the default because every
         optimizer, gradient clipping and `Trainer` accept them; ``node_bias`` and ``positions`` are always dense.
-        Sparse gradients need an optimizer that takes them: `torch.optim.SGD` (plain, or with momentum: its
-        buffer becomes dense), `torch.optim.SparseAdam` (slow on CPU), or a lazy-row AdamW that applies the
-        AdamW step to the touched rows only (``index_select`` the rows of parameter, moments and gradient values,
-        run the step on them, ``index_copy_`` them back); the default AdamW raises on them. The setting is not
-        saved with the model.
+        Sparse gradients need an optimizer that takes them: ``modeling_brillm.optimization.LazyAdamW`` (AdamW on
+        the touched rows only), `torch.optim.SGD`, or `torch.optim.SparseAdam` (slow); `torch.optim.AdamW`, gradient
+        clipping and `Trainer` refuse them. The setting is not saved with the model.
         """
         self.base_model.sparse_gradients = enabled
 
@@ -907,7 +906,7 @@ class BriLLMModel(BriLLMPreTrainedModel):
         """
         if not self._decodable(input_ids, attention_mask, cache):
             return None
-        if input_ids.shape[0] == 1:
+        if input_ids.shape[0] == 1 and input_ids.device.type == "cpu":  # (on a GPU its host reads would stall it)
             return self._decode_one(input_ids[0], cache)
         d, shift, compute = self.config.hidden_size, self.config.position_shift, cache.signal.dtype
         token = input_ids[:, 0]  # (B,)
@@ -981,10 +980,11 @@ class BriLLMModel(BriLLMPreTrainedModel):
         weights, biases = self.weights, self.biases
         if torch.is_grad_enabled() and (signals.requires_grad or weights.requires_grad or biases.requires_grad):
             scores = _EdgeScores.apply(signals, pe, weights, biases, plan, self.sparse_gradients, gradient_link)
-        elif triton_scores.usable(signals, weights):
+        elif triton_scores.usable(signals):
             scores = triton_scores(signals, pe, weights, biases, plan)
-        else:  # nothing to keep
-            scores = torch.linalg.vector_norm(_gelu(_preactivations(signals, pe, weights, biases, plan)), dim=-1)
+        else:  # nothing to keep: GELU in place
+            z = _preactivations(signals, pe, weights, biases, plan)
+            scores = torch.linalg.vector_norm(_gelu(z, inplace=True), dim=-1)
         shared = scores[plan.num_pairs :]  # (N,)
         if plan.order is not None:
             shared = shared[plan.inverse]  # back in position order
@@ -1082,7 +1082,8 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
         lean = labels is None and not output_hidden_states and not torch.is_grad_enabled()
         logits = self.model._decode_step(input_ids, attention_mask, state) if lean else None
         if logits is not None:  # generation's lean path, same numbers
-            return CausalLMOutputWithPast(logits=logits[:, None].float(), past_key_values=None if use_cache is False else state)
+            state = None if use_cache is False else state
+            return CausalLMOutputWithPast(logits=logits[:, None].float(), past_key_values=state)
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,

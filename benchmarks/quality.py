@@ -1,0 +1,904 @@
+"""How good is BriLLM really: BriLLM against KenLM n-grams and a small GPT-2, on the same tokens.
+
+    python benchmarks/quality.py --config configuration/quality/quick.yaml   # bundled corpus, ~1-2 min (CI smoke test)
+    python benchmarks/quality.py --config configuration/quality/full.yaml    # prepared English corpus, ~40 min
+    python benchmarks/quality.py --install-kenlm                             # only build KenLM (apt + cmake, ~2 min)
+
+One recipe (``configuration/quality/*.yaml``) names a corpus folder (``train.txt`` + ``valid.txt``, as
+``brillm prepare-corpus`` writes), the tokenizer and the runs. The script
+
+1. prepares the corpus once with ``brillm prepare``'s `prepare_corpus` (tokenizer, 32-token samples); extra
+   validation files (e.g. ``valid_wikipedia.txt``) are normalised, tokenized and packed the same way;
+2. picks ``eval_samples`` evenly spaced samples of every validation set: **every model is scored on exactly these
+   tokens**, with one definition: a sample of L real tokens scores tokens 2..L, each given the tokens before it
+   in the same sample (the first token has no context and is not scored); per-token perplexity is
+   ``exp(sum nll / scored tokens)`` and bits/char is ``sum nll / ln 2 / characters of the scored tokens`` (the
+   dataset's ``num_chars``, the same denominator for every model);
+3. trains every BriLLM run (the graph counted on the training samples with the run's ``min_edge_count``,
+   reference init, AdamW with a constant learning rate, ``brillm train``'s data order and objectives; the
+   wall-clock excludes evaluation), a GPT-2 (``transformers.GPT2Config``) on the same batches for the same
+   number of tokens and on for the same wall-clock as the reference BriLLM run, and KenLM modified Kneser-Ney
+   models (``lmplz``) of the orders asked for;
+4. writes ``results.json``, ``results.md`` (the tables) and ``quality.png`` (validation bits/char against
+   training tokens; n-gram levels as horizontal lines) into the output folder.
+
+KenLM sees token ids as words ("w17 w4 ..."). It is trained on the token stream of the same training samples:
+consecutive samples of one run of text overlap by one token (see `modeling_brillm.data`), so they are chained
+back into the run and every run is one ``lmplz`` sentence (``<s> ... </s>``); an n-gram thus also counts n-grams
+that cross the 32-token sample boundaries the neural models never see across. It is scored with
+``query -n`` (no ``<s>``/``</s>`` added): every validation sample is one line, its first token is scored from no
+context and dropped, so each scored token is conditioned on at most the order-1 tokens before it *within the
+sample*, as the neural models are. A validation token the n-gram never saw gets ``p(<unk>|context)`` divided by
+the number of token ids it never saw, so its probabilities form a distribution over the same vocabulary (the mass
+it keeps for ``</s>`` is lost, a small handicap for the n-gram). The "equal tokens" n-gram is trained on exactly
+the samples the reference BriLLM run saw, one sample per sentence.
+
+KenLM (PyPI ``kenlm==0.3.0`` sdist, pinned by sha256) is built with cmake into ``~/.cache/brillm/kenlm`` (outside
+git) after installing Debian's ``cmake g++ libboost-{program-options,system,thread,test}-dev`` with apt-get (as
+root). ``--no-install-kenlm`` uses a cached build only and skips the n-grams (with the reason printed) without one.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read when torch is imported: huge pages halve BriLLM steps
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KENLM_CACHE = Path.home() / ".cache" / "brillm" / "kenlm"
+KENLM_SDIST = ("kenlm", "0.3.0", "kenlm-0.3.0.tar.gz", "c4628bb9fb63c8a6f9240035b8b037385cfc404cb72e933cf48878291edac1e8")
+KENLM_APT = [
+    "cmake", "g++", "make", "libboost-program-options-dev", "libboost-system-dev", "libboost-thread-dev",
+    "libboost-test-dev", "zlib1g-dev", "libbz2-dev", "liblzma-dev",
+]  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipe
+
+
+BRILLM_KEYS = {
+    "name": None,
+    "groups": ["main"],  # table sections this run belongs to: main, density, positions, objective
+    "hidden_size": 16,
+    "min_edge_count": 1,
+    "objective": "full",  # "full" or "sampled" (the reference 1 + num_negatives candidates)
+    "num_negatives": 400,
+    "positions": "learned",  # "learned" (softmax-weighted mean of all energies) or "last" (only the last energy)
+    "learning_rate": 0.01,
+    "batch_size": 16,
+    "train_tokens": 20000,
+    "max_seconds": None,  # stop earlier when training took this long
+    "curve": False,  # evaluate at curve_points milestones (for the plot)
+    "reference": False,  # GPT-2 and the "equal tokens" n-gram are matched to this run
+}
+GPT2_KEYS = {
+    "name": "gpt2",
+    "n_embd": 256,
+    "n_layer": 4,
+    "n_head": 4,
+    "learning_rate": 1e-3,
+    "warmup_steps": 50,
+    "batch_size": None,  # default: the reference BriLLM run's (so both see the same batches)
+    "max_seconds": None,  # default: the reference BriLLM run's training wall-clock ("equal wall-clock")
+}
+RECIPE_KEYS = {
+    "name": None,
+    "output_dir": None,
+    "corpus": None,  # a folder with train.txt and valid.txt
+    "fetch_corpus": None,  # a `brillm prepare-corpus` target written into `corpus` when train.txt is missing
+    "validation": {"valid": "prepared"},  # name: "prepared" (the prepared valid split) or a file in `corpus`
+    "tokenizer": "bpe",
+    "vocab_size": 1000,
+    "seq_len": 32,
+    "eval_samples": 256,  # evenly spaced samples per validation set; 0: all
+    "eval_batch_size": 64,
+    "curve_points": 3,
+    "seed": 0,
+    "kenlm": {"orders": [2, 3, 5], "equal_tokens_order": 3, "memory": "2G"},
+    "brillm_defaults": {},
+    "brillm": [],
+    "gpt2": {},
+}
+
+
+def load_recipe(path):
+    """The recipe as a dict with every default filled in; unknown keys are errors."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    unknown = set(raw) - set(RECIPE_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(RECIPE_KEYS)}")
+    recipe = {key: raw.get(key, default) for key, default in RECIPE_KEYS.items()}
+    recipe["name"] = recipe["name"] or Path(path).stem
+    recipe["output_dir"] = recipe["output_dir"] or f"outputs/quality/{recipe['name']}"
+    recipe["kenlm"] = {**RECIPE_KEYS["kenlm"], **(raw.get("kenlm") or {})}
+    defaults = {**BRILLM_KEYS, **recipe["brillm_defaults"]}
+    runs = []
+    for entry in recipe["brillm"]:
+        bad = set(entry) - set(BRILLM_KEYS)
+        if bad:
+            raise ValueError(f"{path}: unknown brillm keys {sorted(bad)}; allowed: {sorted(BRILLM_KEYS)}")
+        run = {**defaults, **entry}
+        if run["objective"] not in ("full", "sampled") or run["positions"] not in ("learned", "last"):
+            raise ValueError(f"{path}: {run['name']}: objective must be full|sampled, positions learned|last.")
+        runs.append(run)
+    if sum(run["reference"] for run in runs) != 1:
+        raise ValueError(f"{path}: exactly one brillm run must say `reference: true`.")
+    recipe["brillm"] = runs
+    bad = set(recipe["gpt2"] or {}) - set(GPT2_KEYS)
+    if bad:
+        raise ValueError(f"{path}: unknown gpt2 keys {sorted(bad)}; allowed: {sorted(GPT2_KEYS)}")
+    recipe["gpt2"] = {**GPT2_KEYS, **(recipe["gpt2"] or {})}
+    return recipe
+
+
+def say(*parts):
+    print(time.strftime("[%H:%M:%S]"), *parts, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: one prepared corpus, the evaluation samples
+
+
+def prepare(recipe, output_dir):
+    """`prepare_corpus` once (reused while its settings match); returns the prepared folder."""
+    from modeling_brillm.preparation import prepare_corpus
+
+    corpus = Path(recipe["corpus"])
+    if not (corpus / "train.txt").is_file():
+        if not recipe["fetch_corpus"]:
+            raise FileNotFoundError(f"{corpus}/train.txt is missing (and the recipe names no fetch_corpus).")
+        from modeling_brillm.corpora import fetch_corpus
+
+        say(f"fetching corpus {recipe['fetch_corpus']!r} into {corpus}")
+        fetch_corpus(recipe["fetch_corpus"], corpus)
+    prepared = output_dir / "prepared"
+    wanted = {
+        "corpus": str(corpus.resolve()),
+        "tokenizer": recipe["tokenizer"],
+        "vocab_size": recipe["vocab_size"],
+        "seq_len": recipe["seq_len"],
+        "train_sha256": _sha256(corpus / "train.txt"),
+        "valid_sha256": _sha256(corpus / "valid.txt"),
+    }
+    stamp = prepared / "quality-stamp.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        say(f"reusing {prepared}")
+        return prepared
+    started = time.perf_counter()
+    # The prepared model is not used (every run builds its own on the counted graph): keep it tiny (d = 2).
+    prepare_corpus([corpus], prepared, tokenizer=recipe["tokenizer"], vocab_size=recipe["vocab_size"],
+                   seq_len=recipe["seq_len"], min_edge_count=1, hidden_size=2, seed=recipe["seed"], log=None)  # fmt: skip
+    stamp.write_text(json.dumps(wanted, indent=1))
+    say(f"prepared {corpus} in {time.perf_counter() - started:.1f} s -> {prepared}")
+    return prepared
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validation_sets(recipe, prepared, dataset, tokenizer):
+    """{name: samples} for every validation set: (input_ids, attention_mask, num_chars) of the chosen samples."""
+    from datasets import load_dataset
+
+    from modeling_brillm.data import tokenize_and_pack, write_corpus_split
+
+    sets = {}
+    for name, source in recipe["validation"].items():
+        if source == "prepared":
+            split = dataset["validation"]
+        else:
+            path = Path(recipe["corpus"]) / source
+            with tempfile.TemporaryDirectory() as tmp:  # the same checks and normalisation as the prepared text
+                write_corpus_split([path], [path], Path(tmp) / "text")
+                lines = load_dataset("text", data_files={"validation": str(Path(tmp) / "text" / "valid.txt")},
+                                     keep_linebreaks=True, cache_dir=str(Path(tmp) / "cache"))["validation"]  # fmt: skip
+                split = _tensors(tokenize_and_pack(lines, tokenizer, recipe["seq_len"]))
+        tensors = split if isinstance(split, dict) else _tensors(split)
+        total = len(tensors["input_ids"])
+        count = recipe["eval_samples"] or total
+        rows = sorted({int(i) for i in (torch_linspace(total, min(count, total)))})
+        chosen = {key: value[rows] for key, value in tensors.items()}
+        chosen["total_samples"] = total
+        sets[name] = chosen
+        scored = int((chosen["attention_mask"][:, 1:].bool() & chosen["attention_mask"][:, :-1].bool()).sum())
+        say(f"validation {name}: {len(rows)} of {total} samples, {scored} scored tokens, "
+            f"{int(chosen['num_chars'].sum())} characters")  # fmt: skip
+    return sets
+
+
+def torch_linspace(total, count):
+    import torch
+
+    return torch.linspace(0, total - 1, count).round().long().tolist()
+
+
+def _tensors(split):
+    import torch
+
+    import numpy as np
+
+    columns = split.with_format("numpy")[:]
+    return {
+        "input_ids": torch.from_numpy(np.stack(columns["input_ids"]).astype(np.int64)),
+        "attention_mask": torch.from_numpy(np.stack(columns["attention_mask"]).astype(np.int64)),
+        "num_chars": torch.from_numpy(np.asarray(columns["num_chars"], dtype=np.float64)),
+    }
+
+
+def evaluate(model, samples, batch_size):
+    """Summed full-vocabulary NLL of a model (BriLLM or GPT-2) over the chosen samples: `summarize_nll`."""
+    from modeling_brillm.evaluation import evaluate_nll, summarize_nll
+
+    def batches():
+        for start in range(0, len(samples["input_ids"]), batch_size):
+            yield {key: samples[key][start : start + batch_size] for key in ("input_ids", "attention_mask")}
+
+    sums = evaluate_nll(model, batches())
+    sums["characters"] = float(samples["num_chars"].sum())
+    return summarize_nll(sums)
+
+
+def evaluate_all(model, valid, batch_size):
+    return {name: evaluate(model, samples, batch_size) for name, samples in valid.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loops (BriLLM and GPT-2 share the data order and the timing rules)
+
+
+def run_training(name, model, loss_fn, train_set, settings, valid, milestones, eval_batch_size, primary, stop,
+                 full_eval_at=()):  # fmt: skip
+    """Train ``model`` with AdamW (constant lr after ``warmup_steps``) in `epoch_batches` order until
+    ``stop(tokens, seconds)``; evaluate on the primary validation set when the tokens pass one of ``milestones``
+    and at the end (on every set at the marks in ``full_eval_at``), with the clock paused. Returns the curve, the
+    tokens, the training seconds and the indices of the samples seen."""
+    import torch
+
+    from modeling_brillm.train import epoch_batches
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings["learning_rate"], weight_decay=0.0, fused=True)
+    warmup = settings.get("warmup_steps") or 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    ids, mask = train_set["input_ids"], train_set["attention_mask"]
+    batch_size = settings["batch_size"]
+    milestones = sorted(set(milestones) | set(full_eval_at))
+    curve, seen, at_tokens = [], [], {}
+    tokens = steps = epoch = 0
+    seconds, last_log = 0.0, time.perf_counter()
+    load_before = os.getloadavg()[0]
+    model.train()
+    done = False
+    while not done:
+        batches = epoch_batches(len(ids), batch_size, epoch, settings.get("seed", 0), 0, 1)
+        if not batches:
+            raise ValueError(f"{name}: fewer training samples ({len(ids)}) than one batch ({batch_size})")
+        for rows in batches:
+            started = time.perf_counter()
+            batch_ids, batch_mask = ids[rows], mask[rows]
+            loss = loss_fn(model, batch_ids, batch_mask)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{name}: loss {loss.item()} at step {steps}")
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - started
+            tokens += int(batch_mask.sum())
+            steps += 1
+            seen.extend(rows)
+            if time.perf_counter() - last_log > 60:
+                say(f"{name}: step {steps}, {tokens} tokens, {seconds:.0f} s, loss {loss.item():.3f}, "
+                    f"{tokens / seconds:.0f} tokens/s")  # fmt: skip
+                last_log = time.perf_counter()
+            done = stop(tokens, seconds)
+            passed = [mark for mark in milestones if mark <= tokens]
+            milestones = [mark for mark in milestones if mark > tokens]
+            if passed or done:
+                full = any(mark in full_eval_at for mark in passed)
+                metrics = evaluate_all(model, valid, eval_batch_size) if full else {primary: evaluate(model, valid[primary], eval_batch_size)}
+                model.train()
+                point = {"tokens": tokens, "seconds": round(seconds, 2), "steps": steps, "metrics": metrics[primary]}
+                curve.append(point)
+                for mark in passed:
+                    if mark in full_eval_at:
+                        at_tokens[mark] = {"tokens": tokens, "seconds": round(seconds, 2), "metrics": metrics}
+                say(f"{name}: {tokens} tokens, {seconds:.1f} s: {primary} bits/char {metrics[primary]['bits_per_char']}")
+            if done:
+                break
+        epoch += 1
+    # The 1-minute load average before and after: other processes on the machine slow the run down.
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return {"curve": curve, "tokens": tokens, "steps": steps, "seconds": round(seconds, 2), "seen": seen,
+            "at_tokens": at_tokens, "final_loss": loss.item(), "load_average": load}  # fmt: skip
+
+
+def brillm_model(run, graph_counts, tokenizer, vocab_size, seed):
+    """A reference-initialised BriLLM on the training bigrams counted ``min_edge_count`` times or more."""
+    import torch
+
+    from modeling_brillm import BriLLMConfig
+    from modeling_brillm.graph_building import build_graph
+    from modeling_brillm.preparation import model_from_graph
+
+    graph = build_graph(graph_counts, vocab_size=vocab_size, min_edge_count=run["min_edge_count"])
+    config = BriLLMConfig(vocab_size=vocab_size, hidden_size=run["hidden_size"], max_position_embeddings=512,
+                          num_slots=graph.num_slots, pad_token_id=tokenizer.pad_token_id,
+                          unk_token_id=tokenizer.unk_token_id)  # fmt: skip
+    model = model_from_graph(config, graph, seed=seed)
+    if run["positions"] == "last":
+        # Only the last energy: positional logits that rise by 1000 per edge make softmax(positions[0:i]) one-hot
+        # on edge i-1 (exp(-1000) == 0 in float32), so the signal is exactly the last edge's energy. Frozen (its
+        # gradient is exactly 0 anyway). The model code is unchanged.
+        with torch.no_grad():
+            positions = model.base_model.positions
+            positions.copy_(1000.0 * torch.arange(positions.shape[1], dtype=positions.dtype).view_as(positions))
+        model.base_model.positions.requires_grad_(False)
+    return model, graph
+
+
+def brillm_loss(run, successors):
+    from modeling_brillm.train import sampled_candidates
+
+    def full(model, ids, mask):
+        return model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False).loss
+
+    def sampled(model, ids, mask):
+        candidates = sampled_candidates(ids, successors, run["num_negatives"])
+        return model.sampled_loss(ids, candidates, attention_mask=mask)
+
+    return full if run["objective"] == "full" else sampled
+
+
+def active_brillm(graph, hidden_size, samples):
+    """Mean parameters read to score all V successors of a validation position: the slot-0 matrix and bias plus the
+    source's own slab, (1 + own edges) x (d^2 + d)."""
+    import numpy as np
+
+    ids, mask = samples["input_ids"].numpy(), samples["attention_mask"].numpy().astype(bool)
+    sources = ids[:, :-1][mask[:, :-1] & mask[:, 1:]]
+    degrees = np.diff(graph.row_ptr)[sources]
+    return float((1 + degrees).mean() * (hidden_size * hidden_size + hidden_size))
+
+
+def gpt2_model(settings, vocab_size, seq_len, seed):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=seq_len, n_embd=settings["n_embd"],
+                        n_layer=settings["n_layer"], n_head=settings["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def gpt2_loss(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KenLM
+
+
+class KenLMUnavailable(RuntimeError):
+    pass
+
+
+def ensure_kenlm(install=True, cache_dir=KENLM_CACHE):
+    """The folder holding ``lmplz`` and ``query``: a cached build, or (``install``) apt-get + pip download + cmake."""
+    bin_dir = Path(cache_dir) / "bin"
+    if (bin_dir / "lmplz").is_file() and (bin_dir / "query").is_file():
+        return bin_dir
+    if not install:
+        raise KenLMUnavailable(f"no KenLM build in {bin_dir} (run `python benchmarks/quality.py --install-kenlm`)")
+    started = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    missing = [name for name in KENLM_APT if subprocess.run(["dpkg", "-s", name], capture_output=True).returncode]
+    if missing:
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            raise KenLMUnavailable(f"KenLM needs the Debian packages {' '.join(missing)} (apt-get install as root)")
+        say(f"apt-get install {' '.join(missing)}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
+            result = subprocess.run(command, capture_output=True, text=True, env=env)
+            if result.returncode:
+                raise KenLMUnavailable(f"`{' '.join(command)}` failed: {result.stderr.strip()[-400:]}")
+    name, version, filename, sha256 = KENLM_SDIST
+    sdist = cache_dir / filename
+    if not sdist.is_file():
+        # --no-binary for kenlm only: its build requirements (setuptools, cmake) come as wheels.
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", name, "-d", str(cache_dir),
+                   f"{name}=={version}"]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode or not sdist.is_file():
+            raise KenLMUnavailable(f"`pip download {name}=={version}` failed: {result.stderr.strip()[-400:]}")
+    if _sha256(sdist) != sha256:
+        raise KenLMUnavailable(f"{sdist} does not have the pinned sha256 {sha256}: delete it and run again")
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        with tarfile.open(sdist) as archive:
+            archive.extractall(tmp, filter="data")
+        source = Path(tmp) / f"{name}-{version}"
+        build = source / "build"
+        build.mkdir()
+        jobs = str(os.cpu_count() or 2)
+        for command in (["cmake", "..", "-DCMAKE_BUILD_TYPE=Release"], ["make", "-j", jobs, "lmplz", "query"]):
+            result = subprocess.run(command, cwd=build, capture_output=True, text=True)
+            if result.returncode:
+                raise KenLMUnavailable(f"`{' '.join(command)}` failed: {(result.stderr or result.stdout).strip()[-600:]}")
+        staging = cache_dir / "bin.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for tool in ("lmplz", "query"):
+            shutil.copy2(build / "bin" / tool, staging / tool)
+        shutil.rmtree(bin_dir, ignore_errors=True)
+        os.replace(staging, bin_dir)
+    say(f"KenLM built in {time.perf_counter() - started:.0f} s -> {bin_dir}")
+    return bin_dir
+
+
+def training_runs(train_set):
+    """The token streams the packed training samples were cut from: a full sample whose successor starts with its
+    last token continues into it (blocks overlap by one token); a padded sample ends its run."""
+    ids, mask = train_set["input_ids"].tolist(), train_set["attention_mask"].tolist()
+    runs, current, full_previous = [], [], False
+    for row, row_mask in zip(ids, mask):
+        tokens = row[: sum(row_mask)]
+        if full_previous and current and tokens and tokens[0] == current[-1]:
+            current.extend(tokens[1:])
+        else:
+            if current:
+                runs.append(current)
+            current = list(tokens)
+        full_previous = sum(row_mask) == len(row)
+    if current:
+        runs.append(current)
+    return runs
+
+
+def _write_sentences(path, sentences):
+    with open(path, "w", encoding="ascii") as f:
+        for tokens in sentences:
+            f.write(" ".join(f"w{t}" for t in tokens) + "\n")
+
+
+def train_kenlm(bin_dir, sentences, order, folder, memory):
+    """lmplz (modified Kneser-Ney) on token-id sentences; returns (arpa path, n-gram counts, seconds, words seen)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text, arpa = folder / "train.txt", folder / f"order{order}.arpa"
+    _write_sentences(text, sentences)
+    started = time.perf_counter()
+    with open(text, "rb") as stdin, open(arpa, "wb") as stdout:
+        result = subprocess.run([str(bin_dir / "lmplz"), "-o", str(order), "--discount_fallback", "-S", memory,
+                                 "-T", str(folder)], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)  # fmt: skip
+    if result.returncode:
+        raise RuntimeError(f"lmplz -o {order} failed: {result.stderr.decode()[-600:]}")
+    seconds = time.perf_counter() - started
+    counts = []
+    with open(arpa, encoding="ascii") as f:
+        for line in f:
+            if line.startswith("ngram "):
+                counts.append(int(line.split("=")[1]))
+            elif line.startswith("\\1-grams"):
+                break
+    seen = {t for tokens in sentences for t in tokens}
+    text.unlink()
+    return arpa, counts, seconds, seen
+
+
+def score_kenlm(bin_dir, arpa, samples, seen, vocab_size):
+    """`summarize_nll` of the n-gram on the chosen samples, with the definition of the module docstring."""
+    from modeling_brillm.evaluation import summarize_nll
+
+    ids, mask = samples["input_ids"].tolist(), samples["attention_mask"].tolist()
+    sentences = [row[: sum(m)] for row, m in zip(ids, mask)]
+    unseen = vocab_size - len(seen)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        path = f.name
+    try:
+        _write_sentences(path, sentences)
+        with open(path, "rb") as stdin:
+            result = subprocess.run([str(bin_dir / "query"), "-n", "-v", "word", str(arpa)], stdin=stdin,
+                                    capture_output=True)  # fmt: skip
+    finally:
+        os.unlink(path)
+    if result.returncode:
+        raise RuntimeError(f"query failed: {result.stderr.decode()[-600:]}")
+    words = [w for w in result.stdout.decode().split("\t") if "=" in w]
+    if len(words) != sum(map(len, sentences)):
+        raise RuntimeError(f"query returned {len(words)} word scores for {sum(map(len, sentences))} words")
+    nll, tokens, oov, position = 0.0, 0, 0, 0
+    for sentence in sentences:
+        for index in range(len(sentence)):
+            word = words[position]
+            position += 1
+            if index == 0:
+                continue  # no context: not scored (as for the neural models)
+            vocab_id, _, log10p = word.rsplit("=", 1)[1].split()
+            nats = -float(log10p) * math.log(10)
+            if vocab_id == "0":  # <unk>: its mass is shared by the ids the n-gram never saw
+                nats += math.log(max(unseen, 1))
+                oov += 1
+            nll += nats
+            tokens += 1
+    result = summarize_nll({"nll": nll, "tokens": tokens, "characters": float(samples["num_chars"].sum())})
+    return {**result, "oov_tokens": oov}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="BriLLM vs KenLM vs GPT-2 on the same tokens")
+    parser.add_argument("--config", help="a recipe, e.g. configuration/quality/quick.yaml")
+    parser.add_argument("--output-dir", help="overrides the recipe's output_dir")
+    parser.add_argument("--install-kenlm", action="store_true", help="only make sure KenLM is built, then exit")
+    parser.add_argument("--no-install-kenlm", action="store_true", help="use a cached KenLM build or skip the n-grams")
+    parser.add_argument("--skip-kenlm", action="store_true")
+    parser.add_argument("--only", nargs="+", help="BriLLM run names to train (others are read from earlier results)")
+    args = parser.parse_args(argv)
+    if args.install_kenlm:
+        try:
+            print(ensure_kenlm(install=True))
+        except KenLMUnavailable as error:
+            raise SystemExit(f"KenLM unavailable: {error}")
+        return
+    if not args.config:
+        parser.error("--config is required")
+    recipe = load_recipe(args.config)
+    output_dir = Path(args.output_dir or recipe["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    study_started = time.perf_counter()
+    results = study(recipe, output_dir, args)
+    results["study_seconds"] = round(time.perf_counter() - study_started, 1)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = results_markdown(results)
+    (output_dir / "results.md").write_text(table)
+    plot(results, output_dir / "quality.png")
+    print(table)
+    say(f"done in {results['study_seconds']:.0f} s -> {output_dir}/results.md, results.json, quality.png")
+
+
+def study(recipe, output_dir, args):
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from modeling_brillm.preparation import count_sample_bigrams
+    from modeling_brillm.train import top_successors
+
+    machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    prepared = prepare(recipe, output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
+    dataset = load_from_disk(str(prepared / "dataset"))
+    vocab_size = len(tokenizer)
+    train_set = _tensors(dataset["train"])
+    valid = validation_sets(recipe, prepared, dataset, tokenizer)
+    primary = next(iter(valid))
+    counts, _ = count_sample_bigrams(dataset["train"], vocab_size)
+    graph_counts = counts.result()
+    results = {
+        "recipe": {k: v for k, v in recipe.items()},
+        "machine": machine,
+        "vocab_size": vocab_size,
+        "train_samples": len(train_set["input_ids"]),
+        "train_tokens_available": int(train_set["attention_mask"].sum()),
+        "validation": {name: {"samples": len(s["input_ids"]), "of": s["total_samples"],
+                              "characters": int(s["num_chars"].sum())} for name, s in valid.items()},  # fmt: skip
+        "primary": primary,
+        "rows": [],
+    }
+    runs_dir = output_dir / "runs"
+    runs_dir.mkdir(exist_ok=True)
+
+    warm_up(train_set, graph_counts, tokenizer, vocab_size, recipe["seq_len"])
+
+    # ---- BriLLM
+    reference = next(run for run in recipe["brillm"] if run["reference"])
+    fractions = [2.0 ** -k for k in range(recipe["curve_points"] - 1, -1, -1)]
+    successors = None
+    records = {}
+    for run in recipe["brillm"]:
+        key = _run_key(recipe, run)
+        cached = runs_dir / f"{run['name']}.json"
+        if cached.is_file() and (args.only is None or run["name"] not in args.only):
+            record = json.loads(cached.read_text())
+            if record.get("key") == key:
+                say(f"{run['name']}: reusing {cached}")
+                records[run["name"]] = record
+                continue
+        if args.only is not None and run["name"] not in args.only:
+            say(f"{run['name']}: skipped (--only)")
+            continue
+        if run["objective"] == "sampled" and successors is None:
+            successors = top_successors(train_set["input_ids"], vocab_size, run["num_negatives"] + 1,
+                                        train_set["attention_mask"])  # fmt: skip
+        model, graph = brillm_model(run, graph_counts, tokenizer, vocab_size, recipe["seed"])
+        say(f"{run['name']}: BriLLM d={run['hidden_size']} min_edge_count={run['min_edge_count']} "
+            f"objective={run['objective']} positions={run['positions']}: {model.num_parameters():,} parameters")  # fmt: skip
+        milestones = [round(f * run["train_tokens"]) for f in fractions] if run["curve"] else [run["train_tokens"]]
+        positions_before = model.base_model.positions.detach().clone()
+        limit_tokens, limit_seconds = run["train_tokens"], run["max_seconds"]
+        trained = run_training(run["name"], model, brillm_loss(run, successors), train_set,
+                               {**run, "seed": recipe["seed"]}, valid, milestones, recipe["eval_batch_size"], primary,
+                               stop=lambda tokens, seconds: tokens >= limit_tokens
+                               or (limit_seconds is not None and seconds >= limit_seconds))  # fmt: skip
+        if run["positions"] == "last":
+            assert torch.equal(positions_before, model.base_model.positions), "frozen positions changed"
+        started = time.perf_counter()
+        metrics = {primary: trained["curve"][-1]["metrics"]}  # the last curve point is the end of training
+        metrics.update({name: evaluate(model, samples, recipe["eval_batch_size"]) for name, samples in valid.items()
+                        if name != primary})  # fmt: skip
+        eval_seconds = time.perf_counter() - started
+        record = {
+            "key": key, "kind": "brillm", "name": run["name"], "groups": run["groups"], "settings": run,
+            "parameters": model.num_parameters(), "own_edges": int(graph.num_slots - 1),
+            "active_parameters": active_brillm(graph, run["hidden_size"], valid[primary]),
+            "train_tokens": trained["tokens"], "steps": trained["steps"], "seconds": trained["seconds"],
+            "tokens_per_second": round(trained["tokens"] / max(trained["seconds"], 1e-9), 1),
+            "eval_seconds": round(eval_seconds, 1), "metrics": metrics, "curve": trained["curve"],
+            "load_average": trained["load_average"],
+            "seen": trained["seen"] if run["reference"] else None,
+        }  # fmt: skip
+        cached.write_text(json.dumps(record))
+        records[run["name"]] = record
+        say(f"{run['name']}: " + ", ".join(f"{n} {m['bits_per_char']} bits/char" for n, m in metrics.items()))
+        del model
+    results["rows"].extend(_row(record) for record in records.values())
+    ref_record = records.get(reference["name"])
+
+    # ---- GPT-2: same batches, same tokens, then on to the same wall-clock
+    if ref_record is not None:
+        settings = {**recipe["gpt2"]}
+        settings["batch_size"] = settings["batch_size"] or reference["batch_size"]
+        budget = settings["max_seconds"] or ref_record["seconds"]
+        ref_tokens = ref_record["train_tokens"]
+        key = _run_key(recipe, {**settings, "budget": budget, "ref_tokens": ref_tokens})
+        cached = runs_dir / "gpt2.json"
+        record = json.loads(cached.read_text()) if cached.is_file() else None
+        if record is None or record.get("key") != key or (args.only is not None and "gpt2" in args.only):
+            model = gpt2_model(settings, vocab_size, recipe["seq_len"], recipe["seed"])
+            say(f"gpt2: {model.num_parameters():,} parameters; equal tokens {ref_tokens}, equal wall-clock {budget:.0f} s")
+            # The reference's evaluation points (the same batches give the same token counts), then doublings.
+            marks = [point["tokens"] for point in ref_record["curve"]] + [ref_tokens * 2**k for k in range(1, 16)]
+            # Stop once both the reference's tokens and its wall-clock are reached; the equal-tokens point is the
+            # model after exactly the reference's batches (constant lr after warmup: the same as a run that stops).
+            trained = run_training("gpt2", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid,
+                                   marks, recipe["eval_batch_size"], primary,
+                                   stop=lambda tokens, seconds: tokens >= ref_tokens and seconds >= budget,
+                                   full_eval_at=[ref_tokens])  # fmt: skip
+            started = time.perf_counter()
+            metrics = {primary: trained["curve"][-1]["metrics"]}
+            metrics.update({name: evaluate(model, samples, recipe["eval_batch_size"]) for name, samples in valid.items()
+                            if name != primary})  # fmt: skip
+            trained.pop("seen")
+            record = {"key": key, "settings": settings, "budget": budget, "parameters": model.num_parameters(),
+                      "trained": trained, "equal_tokens": trained["at_tokens"].get(ref_tokens), "metrics": metrics,
+                      "eval_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+            cached.write_text(json.dumps(record))
+            del model
+        results["rows"].extend(_gpt2_rows(record))
+
+    # ---- KenLM
+    if args.skip_kenlm:
+        results["kenlm_skipped"] = "--skip-kenlm"
+    else:
+        try:
+            bin_dir = ensure_kenlm(install=not args.no_install_kenlm)
+        except KenLMUnavailable as error:
+            results["kenlm_skipped"] = str(error)
+            print(f"KENLM SKIPPED: {error}", flush=True)
+        else:
+            results["rows"].extend(kenlm_rows(recipe, bin_dir, train_set, valid, vocab_size, ref_record, output_dir))
+    results["curves"] = {row["name"]: row["curve"] for row in results["rows"] if row.get("curve")}
+    return results
+
+
+def warm_up(train_set, graph_counts, tokenizer, vocab_size, seq_len, steps=4):
+    """A few untimed steps of a throwaway BriLLM and GPT-2: the process's one-time start-up costs (thread pools,
+    oneDNN and allocator set-up: several seconds on the first steps) stay out of the first timed run."""
+    import torch
+
+    started = time.perf_counter()
+    run = {**BRILLM_KEYS, "hidden_size": 4, "min_edge_count": 1}
+    brillm, _ = brillm_model(run, graph_counts, tokenizer, vocab_size, seed=0)
+    gpt2 = gpt2_model({**GPT2_KEYS, "n_embd": 32, "n_layer": 1, "n_head": 1}, vocab_size, seq_len, seed=0)
+    for model, loss_fn in ((brillm, brillm_loss(run, None)), (gpt2, gpt2_loss)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        for step in range(steps):
+            rows = slice(step * 16, (step + 1) * 16)
+            loss_fn(model, train_set["input_ids"][rows], train_set["attention_mask"][rows]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    say(f"warm-up (untimed): {time.perf_counter() - started:.1f} s")
+
+
+def _run_key(recipe, run):
+    material = {k: recipe[k] for k in ("corpus", "tokenizer", "vocab_size", "seq_len", "eval_samples", "validation",
+                                       "seed", "curve_points")}  # fmt: skip
+    return hashlib.sha256(json.dumps([material, run], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _row(record):
+    s = record["settings"]
+    return {
+        "name": record["name"], "kind": "brillm", "groups": record["groups"],
+        "description": f"BriLLM d={s['hidden_size']}, min_edge_count={s['min_edge_count']}, {s['objective']} objective, "
+                       f"{'learned positional weights' if s['positions'] == 'learned' else 'last energy only'}, "
+                       f"lr {s['learning_rate']}, batch {s['batch_size']}",
+        "train_tokens": record["train_tokens"], "seconds": record["seconds"],
+        "tokens_per_second": record["tokens_per_second"], "parameters": record["parameters"],
+        "active_parameters": round(record["active_parameters"]), "own_edges": record["own_edges"],
+        "metrics": record["metrics"], "curve": record["curve"], "load_average": record["load_average"],
+    }  # fmt: skip
+
+
+def _gpt2_rows(record):
+    s, trained = record["settings"], record["trained"]
+    description = (f"GPT-2 {s['n_layer']} layers, d={s['n_embd']}, {s['n_head']} heads, lr {s['learning_rate']} "
+                   f"(warmup {s['warmup_steps']} steps), batch {s['batch_size']}")  # fmt: skip
+    rows = []
+    equal = record["equal_tokens"]
+    if equal is not None:
+        rows.append({
+            "name": "gpt2 (equal tokens)", "kind": "gpt2", "groups": ["main"], "description": description,
+            "train_tokens": equal["tokens"], "seconds": equal["seconds"],
+            "tokens_per_second": round(equal["tokens"] / max(equal["seconds"], 1e-9), 1),
+            "parameters": record["parameters"], "active_parameters": record["parameters"],
+            "metrics": equal["metrics"], "curve": None,
+        })  # fmt: skip
+    rows.append({
+        "name": "gpt2 (equal wall-clock)", "kind": "gpt2", "groups": ["main"], "description": description,
+        "train_tokens": trained["tokens"], "seconds": trained["seconds"],
+        "tokens_per_second": round(trained["tokens"] / max(trained["seconds"], 1e-9), 1),
+        "parameters": record["parameters"], "active_parameters": record["parameters"],
+        "metrics": record["metrics"], "curve": trained["curve"], "load_average": trained["load_average"],
+    })  # fmt: skip
+    return rows
+
+
+def kenlm_rows(recipe, bin_dir, train_set, valid, vocab_size, ref_record, output_dir):
+    settings = recipe["kenlm"]
+    folder = output_dir / "kenlm"
+    rows = []
+    runs = training_runs(train_set)
+    stream_tokens = sum(map(len, runs))
+    jobs = [(order, runs, f"KenLM {order}-gram, all training samples", stream_tokens) for order in settings["orders"]]
+    if ref_record is not None and settings.get("equal_tokens_order"):
+        rows_seen = ref_record["seen"]
+        seen_samples = [row[: int(m.sum())] for row, m in
+                        zip(train_set["input_ids"][rows_seen].tolist(), train_set["attention_mask"][rows_seen])]  # fmt: skip
+        jobs.append((settings["equal_tokens_order"], seen_samples, "KenLM on the reference BriLLM's samples",
+                     sum(map(len, seen_samples))))  # fmt: skip
+    for index, (order, sentences, description, tokens) in enumerate(jobs):
+        equal = index == len(settings["orders"])
+        arpa, counts, seconds, seen = train_kenlm(bin_dir, sentences, order, folder, settings["memory"])
+        metrics = {name: score_kenlm(bin_dir, arpa, samples, seen, vocab_size) for name, samples in valid.items()}
+        arpa.unlink()
+        name = f"kenlm-{order}" + (" (equal tokens)" if equal else "")
+        say(f"{name}: trained in {seconds:.1f} s; " + ", ".join(f"{n} {m['bits_per_char']} bits/char" for n, m in metrics.items()))
+        rows.append({
+            "name": name, "kind": "kenlm", "order": order, "groups": ["main"], "description": description,
+            "train_tokens": tokens, "seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+            "parameters": sum(counts[:-1]) * 2 + counts[-1], "ngrams": counts, "active_parameters": None,
+            "metrics": metrics, "curve": None, "equal_tokens": equal,
+        })  # fmt: skip
+    shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt_int(value):
+    if value is None:
+        return "–"
+    value = float(value)
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f}"
+
+
+def results_markdown(results):
+    names = list(results["validation"])
+    head = ["model", "train tokens", "wall-clock s", "tokens/s", "parameters", "active / token"]
+    for name in names:
+        head += [f"{name} bits/char", f"{name} ppl/token"]
+    lines = []
+
+    def table(rows, title):
+        lines.extend([f"### {title}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)])
+        for row in rows:
+            cells = [row["name"], _fmt_int(row["train_tokens"]), f"{row['seconds']:.0f}", f"{row['tokens_per_second']:.0f}",
+                     _fmt_int(row["parameters"]), _fmt_int(row["active_parameters"])]  # fmt: skip
+            for name in names:
+                metric = row["metrics"].get(name)
+                cells += [f"{metric['bits_per_char']:.3f}", f"{metric['perplexity']:.1f}"] if metric else ["–", "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
+    rows = results["rows"]
+    titles = {
+        "main": "BriLLM, GPT-2 and KenLM",
+        "density": "Ablation: graph density (min_edge_count)",
+        "positions": "Ablation: positional-weight aggregation vs only the last energy",
+        "objective": "Ablation: full-vocabulary vs the reference sampled objective (both evaluated on the full vocabulary)",
+    }
+    for group, title in titles.items():
+        chosen = [row for row in rows if group in row["groups"]]
+        if chosen:
+            table(chosen, title)
+    validation = ", ".join(f"{n}: {v['samples']} of {v['of']} samples ({v['characters']:,} characters)"
+                           for n, v in results["validation"].items())  # fmt: skip
+    lines.append(f"Scored on evenly spaced validation samples of {results['recipe']['seq_len']} tokens ({validation}); "
+                 f"V = {results['vocab_size']} ({results['recipe']['tokenizer']}); {results['train_tokens_available']:,} "
+                 f"training tokens available.")  # fmt: skip
+    if results.get("kenlm_skipped"):
+        lines.append(f"KenLM skipped: {results['kenlm_skipped']}.")
+    lines.append("")
+    lines.append("| model | how |")
+    lines.append("| --- | --- |")
+    for row in rows:
+        lines.append(f"| {row['name']} | {row['description']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    primary = results["primary"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=90)
+    styles = {"brillm": "-o", "gpt2": "-s"}
+    for row in results["rows"]:
+        if row.get("curve") and len(row["curve"]) > 1:
+            points = [(p["tokens"], p["metrics"]["bits_per_char"]) for p in row["curve"]]
+            ax.plot(*zip(*points), styles[row["kind"]], label=row["name"], markersize=4)
+        elif row["kind"] == "kenlm" and row.get("equal_tokens"):
+            ax.plot([row["train_tokens"]], [row["metrics"][primary]["bits_per_char"]], "k*", markersize=8,
+                    label=f"{row['name']}")  # fmt: skip
+    colours = plt.cm.Greys([0.45, 0.65, 0.85, 1.0])
+    kenlm = [row for row in results["rows"] if row["kind"] == "kenlm" and not row.get("equal_tokens")]
+    for colour, row in zip(colours, kenlm):
+        value = row["metrics"][primary]["bits_per_char"]
+        ax.axhline(value, color=colour, linestyle="--", linewidth=1)
+        ax.annotate(f"{row['name']} ({_fmt_int(row['train_tokens'])} tokens)", (0.01, value), xycoords=("axes fraction", "data"),
+                    fontsize=7, va="bottom", color=colour)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"bits/char ({primary})")
+    ax.set_title(f"{results['recipe']['name']}: validation bits/char vs training tokens", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))
+    main()
