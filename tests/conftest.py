@@ -1,10 +1,12 @@
 """Shared pytest fixtures. Keep additions small and independent of each other."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_DIR = REPO_ROOT / "tests" / "fixtures" / "official-tiny"
@@ -58,3 +60,33 @@ def reference_converter():
     """``convert_reference(output, *extra_cli_args, checkpoint=, vocab=, frequencies=)``: run the converter on any
     reference files and get the CompletedProcess (for tests of its refusals)."""
     return convert_reference
+
+
+def write_reference_files(folder, tokens, owned_fraction=0.3, hidden_size=4, seed=0):
+    """Reference-format ``model.bin``, ``vocab.json`` and ``word_frequency.json`` for ``tokens`` (random weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    V = len(tokens)
+    owned = torch.rand(V, V, generator=generator) < owned_fraction
+    counts = owned.long() * torch.randint(1, 50, (V, V), generator=generator)
+    P = 1 + int((counts > 0).sum())
+    state = {
+        "positions": torch.randn(1, 512, 1, generator=generator),
+        "weights": torch.rand(P, hidden_size, hidden_size, generator=generator) - 0.5,
+        "biases": torch.rand(P, 1, hidden_size, generator=generator) - 0.5,
+        "node_bias": torch.rand(V, 1, hidden_size, generator=generator) - 0.5,
+    }
+    torch.save(state, folder / "model.bin")
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    frequencies = {
+        s: dict(sorted(((t, int(counts[i, j])) for j, t in enumerate(tokens)), key=lambda kv: -kv[1]))
+        for i, s in enumerate(tokens)
+    }
+    (folder / "word_frequency.json").write_text(json.dumps(frequencies, ensure_ascii=False))
+    return folder / "model.bin", folder / "vocab.json", folder / "word_frequency.json"
+
+
+@pytest.fixture(scope="session")
+def reference_files():
+    """``write_reference_files(folder, tokens, owned_fraction=, hidden_size=, seed=)``: a reference-format model."""
+    return write_reference_files

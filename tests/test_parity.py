@@ -116,33 +116,11 @@ def test_converter_refuses_missing_tensors_and_sources(tmp_path, reference_conve
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
-def write_reference_files(folder, tokens, owned_fraction=0.3, hidden_size=4, seed=0):
-    """A reference-format model.bin / vocab.json / word_frequency.json for the given tokens (random weights)."""
-    generator = torch.Generator().manual_seed(seed)
-    V = len(tokens)
-    counts = (torch.rand(V, V, generator=generator) < owned_fraction).long() * torch.randint(1, 50, (V, V), generator=generator)
-    P = 1 + int((counts > 0).sum())
-    state = {
-        "positions": torch.ones(1, 512, 1),
-        "weights": torch.rand(P, hidden_size, hidden_size, generator=generator) - 0.5,
-        "biases": torch.rand(P, 1, hidden_size, generator=generator) - 0.5,
-        "node_bias": torch.rand(V, 1, hidden_size, generator=generator) - 0.5,
-    }
-    torch.save(state, folder / "model.bin")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    frequencies = {
-        s: dict(sorted(((t, int(counts[i, j])) for j, t in enumerate(tokens)), key=lambda kv: -kv[1]))
-        for i, s in enumerate(tokens)
-    }
-    (folder / "word_frequency.json").write_text(json.dumps(frequencies, ensure_ascii=False))
-    return folder / "model.bin", folder / "vocab.json", folder / "word_frequency.json"
-
-
-def test_character_vocabulary_gets_a_tokenizer(tmp_path, reference_converter):
+def test_character_vocabulary_gets_a_tokenizer(tmp_path, reference_converter, reference_files):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokens = ["<unk>", *"春眠不觉晓处闻啼鸟夜来风雨声花落知多少,."]
-    checkpoint, vocab, frequencies = write_reference_files(tmp_path, tokens)
+    checkpoint, vocab, frequencies = reference_files(tmp_path, tokens)
     result = reference_converter(tmp_path / "out", checkpoint=checkpoint, vocab=vocab, frequencies=frequencies)
     assert result.returncode == 0, result.stderr
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -156,7 +134,7 @@ def test_character_vocabulary_gets_a_tokenizer(tmp_path, reference_converter):
     assert len(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)) == int((out[0, len(ids):] != 0).sum())
 
 
-def test_bpe_tokenizer_json_is_checked_and_written(tmp_path, reference_converter):
+def test_bpe_tokenizer_json_is_checked_and_written(tmp_path, reference_converter, reference_files):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer
 
@@ -169,7 +147,7 @@ def test_bpe_tokenizer_json_is_checked_and_written(tmp_path, reference_converter
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bpe.save(str(tmp_path / "bpe.json"))
     tokens = [t for t, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])]
-    checkpoint, vocab, frequencies = write_reference_files(tmp_path, tokens, owned_fraction=0.05)
+    checkpoint, vocab, frequencies = reference_files(tmp_path, tokens, owned_fraction=0.05)
     result = reference_converter(
         tmp_path / "out", "--tokenizer-json", str(tmp_path / "bpe.json"), checkpoint=checkpoint, vocab=vocab, frequencies=frequencies
     )
@@ -182,7 +160,7 @@ def test_bpe_tokenizer_json_is_checked_and_written(tmp_path, reference_converter
 
     other = tmp_path / "other"
     other.mkdir()
-    _, wrong_vocab, wrong_frequencies = write_reference_files(other, tokens[:-1] + ["zzz"], owned_fraction=0.05)
+    _, wrong_vocab, wrong_frequencies = reference_files(other, tokens[:-1] + ["zzz"], owned_fraction=0.05)
     result = reference_converter(
         tmp_path / "out2", "--tokenizer-json", str(tmp_path / "bpe.json"),
         checkpoint=checkpoint, vocab=wrong_vocab, frequencies=wrong_frequencies,

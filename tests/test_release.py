@@ -67,30 +67,6 @@ def snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
-def write_reference_files(folder, tokens, owned_fraction=0.3, hidden_size=4, seed=0):
-    """Reference-format ``model.bin``, ``vocab.json`` and ``word_frequency.json`` for ``tokens`` (random weights)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    V = len(tokens)
-    owned = torch.rand(V, V, generator=generator) < owned_fraction
-    counts = owned.long() * torch.randint(1, 50, (V, V), generator=generator)
-    P = 1 + int((counts > 0).sum())
-    state = {
-        "positions": torch.randn(1, 512, 1, generator=generator),
-        "weights": torch.rand(P, hidden_size, hidden_size, generator=generator) - 0.5,
-        "biases": torch.rand(P, 1, hidden_size, generator=generator) - 0.5,
-        "node_bias": torch.rand(V, 1, hidden_size, generator=generator) - 0.5,
-    }
-    torch.save(state, folder / "model.bin")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    frequencies = {
-        s: dict(sorted(((t, int(counts[i, j])) for j, t in enumerate(tokens)), key=lambda kv: -kv[1]))
-        for i, s in enumerate(tokens)
-    }
-    (folder / "word_frequency.json").write_text(json.dumps(frequencies, ensure_ascii=False))
-    return folder / "model.bin", folder / "vocab.json", folder / "word_frequency.json"
-
-
 def chinese_vocabulary():
     """A vocabulary like ``vocab_wiki_4k.json``: ``<unk>`` = 0, half-width punctuation only, no Latin letters."""
     characters = dict.fromkeys(",;()!?:. 0123456789。、“”" + CHINESE_TEXT.translate(FOLD))
@@ -167,9 +143,9 @@ def test_english_bpe_tokenizer_keeps_specials_and_decodes_cleanly(source, bpe_js
     assert tokenizer.batch_decode(batch.input_ids, skip_special_tokens=True)[0] == " the hind legs"
 
 
-def test_converter_writes_a_portable_tokenizer_config(tmp_path):
+def test_converter_writes_a_portable_tokenizer_config(tmp_path, reference_files):
     tokens = list(chinese_vocabulary())
-    checkpoint, vocab, frequencies = write_reference_files(tmp_path / "ref", tokens, owned_fraction=0.05)
+    checkpoint, vocab, frequencies = reference_files(tmp_path / "ref", tokens, owned_fraction=0.05)
     converter.convert(checkpoint, vocab, frequencies, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["unk_token"] == "<unk>"
@@ -205,9 +181,9 @@ def test_export_of_a_conversion_is_the_reference_checkpoint(converted_fixture, f
     assert all(first[k].dtype == second[k].dtype and torch.equal(first[k], second[k]) for k in first)
 
 
-def test_export_with_vocabulary_and_frequencies_round_trips(tmp_path):
+def test_export_with_vocabulary_and_frequencies_round_trips(tmp_path, reference_files):
     tokens = list(chinese_vocabulary())
-    checkpoint, vocab, frequencies = write_reference_files(tmp_path / "ref", tokens, owned_fraction=0.2)
+    checkpoint, vocab, frequencies = reference_files(tmp_path / "ref", tokens, owned_fraction=0.2)
     converter.convert(checkpoint, vocab, frequencies, tmp_path / "hf")
     exporter.export(tmp_path / "hf", tmp_path / "model.bin", tmp_path / "vocab.json", tmp_path / "freq.json")
 
@@ -406,9 +382,9 @@ def test_conversion_and_loading_map_the_weights_without_copying(fixture_dir, tmp
 # 5. Model cards
 
 
-def test_converted_model_card(tmp_path, bpe_json):
+def test_converted_model_card(tmp_path, bpe_json, reference_files):
     tokens = [t for t, _ in sorted(Tokenizer.from_file(str(bpe_json)).get_vocab().items(), key=lambda kv: kv[1])]
-    checkpoint, vocab, frequencies = write_reference_files(tmp_path / "ref", tokens, owned_fraction=0.05)
+    checkpoint, vocab, frequencies = reference_files(tmp_path / "ref", tokens, owned_fraction=0.05)
     converter.convert(checkpoint, vocab, frequencies, tmp_path / "out", tokenizer_json=bpe_json, license="apache-2.0")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     model = BriLLMForCausalLM.from_pretrained(tmp_path / "out")
