@@ -15,9 +15,14 @@ batches. It keeps what makes the reference BriLLM0.5 code slow (SPEC §2, §4, �
 
 Two differences make this path slightly *faster* than the reference, so ratios against it are conservative:
 the dict holds only the owned edges (the reference also stores every shared edge, so its dict has V² entries;
-a lookup costs the same), and decoding visits candidates in id order instead of building "s->t" strings and
+a lookup costs the same), and `decode` visits candidates in id order instead of building "s->t" strings and
 shuffling them (which also makes its ties break like ``argmax``, so its tokens can be checked against ours).
+``decode(..., published_candidates=True)`` does build them as the published decoder does at every token (an
+"s->t" string per other node from a V x V dict of names, shuffled, each parsed back with ``split`` and dict
+look-ups): its ties then break at random, so its tokens differ, but its cost per token is the published one.
 """
+
+import random
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +46,7 @@ class ReferencePath:
         for source in range(self.V):
             for k in range(row_ptr[source], row_ptr[source + 1]):
                 self.slot[(source, col_idx[k])] = 1 + k
+        self.edge_names = None  # the published decoder's {source name: {target name: (source, target)}}, on demand
         div = 10000.0 ** (torch.arange(0, self.d, 2) / self.d)
         position = torch.arange(0, 512).reshape(-1, 1)
         self.pe = torch.zeros(512, self.d)
@@ -81,12 +87,30 @@ class ReferencePath:
             loss = loss + F.cross_entropy(scores, torch.zeros(B, dtype=torch.long))
         return loss / n
 
-    def decode(self, prompt, max_new_tokens):
+    def _published_candidates(self, x, rng):
+        """The candidates of node x as the published decoder lists them at every token: target ids, shuffled."""
+        if self.edge_names is None:
+            names = [str(i) for i in range(self.V)]
+            self.edge_names = {s: {t: (i, j) for j, t in enumerate(names)} for i, s in enumerate(names)}
+        source = str(x)
+        edges = ["->".join([source, t]) for t in self.edge_names[source] if t != source]
+        rng.shuffle(edges)
+        pairs = [self._fetch(edge) for edge in edges]
+        return [t for _, t in pairs]
+
+    def _fetch(self, edge):
+        s, t = edge.split("->")
+        names = self.edge_names
+        return names[s][t] if s in names and t in names[s] else names["0"]["0"]
+
+    def decode(self, prompt, max_new_tokens, published_candidates=False):
         """Greedy reference decoding of one prompt (a list of >= 2 token ids): the new token ids.
 
         Uses PE[i] for edge i (the reference decoder's convention, ``position_shift=0``) and never proposes the
-        current token (``suppress_self_loop``).
+        current token (``suppress_self_loop``). ``published_candidates``: list the candidates as the published
+        decoder does (see the module docstring), at its cost, with random tie-breaking.
         """
+        rng = random.Random(0)
         with torch.no_grad():
             for i, (s, t) in enumerate(zip(prompt[:-1], prompt[1:])):
                 if i == 0:
@@ -99,7 +123,10 @@ class ReferencePath:
             x, generated = prompt[-1], []
             for step in range(max_new_tokens):
                 position = len(prompt) - 1 + step
-                candidates = [t for t in range(self.V) if t != x]
+                if published_candidates:
+                    candidates = self._published_candidates(x, rng)
+                else:
+                    candidates = [t for t in range(self.V) if t != x]
                 slots = torch.tensor([self.slot.get((x, t), 0) for t in candidates])
                 w, b = self.weights[slots], self.biases[slots]  # (V - 1, d, d), (V - 1, 1, d)
                 energy = (cache * self.positions[:, :position, :].softmax(1)).sum(1, keepdim=True)  # (1, 1, d)

@@ -6,7 +6,8 @@ Notation used in shape comments: B batch, T chunk length, d hidden size, V vocab
 N scored positions, M owned (position, target) pairs.
 
 This file is copied next to the weights by ``save_pretrained`` and loaded as remote code: it imports only
-torch, transformers and its flat siblings ``configuration_brillm`` and ``hub_brillm`` (model cards, publishing).
+torch, numpy, transformers and its flat siblings ``configuration_brillm`` and ``hub_brillm`` (model cards,
+publishing).
 """
 
 import inspect
@@ -14,6 +15,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,7 +98,7 @@ class BriLLMEdgeGraph(nn.Module):
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("col_idx", col_idx)
         self._checked = False
-        self._edge_keys = None
+        self._derived = {}  # tables computed from the buffers: see `_table`
 
     def set_graph(self, row_ptr, col_idx):
         """Install a CSR slot map (validated; raises `ValueError` when it does not fit this graph)."""
@@ -107,14 +109,14 @@ class BriLLMEdgeGraph(nn.Module):
             self.row_ptr.copy_(row_ptr)
             self.col_idx.copy_(col_idx)
         self._checked = True
-        self._edge_keys = None
+        self._derived = {}
 
     def check(self):
         """Validate the buffers once (after construction or loading); raises `ValueError` if they are unusable."""
         if not self._checked:
             self._validate(self.row_ptr, self.col_idx)
             self._checked = True
-            self._edge_keys = None
+            self._derived = {}
 
     def _validate(self, row_ptr, col_idx):
         V, own = self.vocab_size, self.num_slots - 1
@@ -143,7 +145,28 @@ class BriLLMEdgeGraph(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._checked = False
-        self._edge_keys = None
+        self._derived = {}
+
+    def _table(self, name, build):
+        """A table derived from the buffers, kept until they change (set_graph, loading) or move (``.to()``)."""
+        key = (self.row_ptr.data_ptr(), self.col_idx.data_ptr())
+        entry = self._derived.get(name)
+        if entry is None or entry[0] != key:
+            entry = self._derived[name] = (key, build())
+        return entry[1]
+
+    def targets(self):
+        """``col_idx`` as int64, the index type of scatters: (P-1,)."""
+        return self._table("targets", lambda: self.col_idx.long())
+
+    def _host(self):
+        """``(row_ptr, col_idx)`` as NumPy arrays for host-side look-ups (views of the buffers on the CPU)."""
+        return self._table("host", lambda: (self.row_ptr.cpu().numpy(), self.col_idx.cpu().numpy()))
+
+    def row(self, source):
+        """``(lo, hi)``: the owned edges of ``source`` (a host int) are ``lo .. hi-1``, its slots ``1+lo .. hi``."""
+        row_ptr = self._host()[0]
+        return int(row_ptr[source]), int(row_ptr[source + 1])
 
     def degrees(self):
         """Number of owned out-edges of every node: (V,) int64."""
@@ -151,20 +174,20 @@ class BriLLMEdgeGraph(nn.Module):
 
     def slots(self, sources, targets):
         """Slot of each edge ``sources[i] -> targets[i]`` (any shape; 0 where the edge is shared)."""
-        if self._edge_keys is None or self._edge_keys.device != self.row_ptr.device:
-            self._edge_keys = _edge_keys(self.row_ptr, self.col_idx, self.vocab_size)
+        edge_keys = self._table("edge_keys", lambda: _edge_keys(self.row_ptr, self.col_idx, self.vocab_size))
         keys = sources.long() * self.vocab_size + targets.long()
-        if self._edge_keys.numel() == 0:
+        if edge_keys.numel() == 0:
             return torch.zeros_like(keys)
-        found = torch.searchsorted(self._edge_keys, keys)
-        hit = self._edge_keys[found.clamp(max=self._edge_keys.numel() - 1)] == keys
+        found = torch.searchsorted(edge_keys, keys)
+        hit = edge_keys[found.clamp(max=edge_keys.numel() - 1)] == keys
         return torch.where(hit, found + 1, torch.zeros_like(found))
 
     def slot(self, source, target):
         """Slot of one edge given as host ints (0 when shared): a binary search in the source's row."""
-        lo, hi = self.row_ptr[source : source + 2].tolist()
-        k = lo + int(torch.searchsorted(self.col_idx[lo:hi], target))
-        return 1 + k if k < hi and int(self.col_idx[k]) == target else 0
+        lo, hi = self.row(source)
+        col_idx = self._host()[1]
+        k = lo + int(col_idx[lo:hi].searchsorted(target))
+        return 1 + k if k < hi and int(col_idx[k]) == target else 0
 
 
 def _edge_keys(row_ptr, col_idx, vocab_size):
@@ -332,30 +355,40 @@ class _ScoringPlan:
 
 def _single_source_plan(graph, source):
     """The plan of one position leaving ``source`` (a host int): one slab, nothing to sort."""
-    lo, hi = graph.row_ptr[source : source + 2].tolist()
-    return _ScoringPlan(None, None, [(lo, hi, 0, 1)], graph.col_idx[lo:hi].long(), hi - lo)
+    lo, hi = graph.row(source)
+    return _ScoringPlan(None, None, [(lo, hi, 0, 1)], graph.targets()[lo:hi], hi - lo)
 
 
 def _plan_scoring(graph, sources):
-    """Group positions by their source node (N,): see `_ScoringPlan`."""
+    """Group positions by their source node (N,): see `_ScoringPlan`.
+
+    Sorting happens where the sources are; the index of every owned score is computed on the host with NumPy,
+    where its dozen small operations cost a few microseconds each instead of tens.
+    """
     if sources.numel() == 1:  # batch-1 generation
         return _single_source_plan(graph, int(sources))
-    device = sources.device
     order = torch.argsort(sources, stable=True)
     distinct, counts = torch.unique_consecutive(sources[order], return_counts=True)  # (G,)
-    lo, hi = graph.row_ptr[distinct], graph.row_ptr[distinct + 1]
-    first = torch.cumsum(counts, 0) - counts
-    groups = torch.stack([lo, hi, first, counts], 1).tolist()  # the one host sync of a batch
-    num_pairs = sum((h - l) * c for l, h, _, c in groups)
-    # Owned score r of a group is its slab's target k = r // count, for its sorted position j = r % count.
-    block = (hi - lo) * counts  # (G,)
-    group = torch.repeat_interleave(torch.arange(len(groups), device=device), block, output_size=num_pairs)  # (M,)
-    rank = torch.arange(num_pairs, device=device) - (torch.cumsum(block, 0) - block)[group]
-    count = counts[group]
-    k = torch.div(rank, count, rounding_mode="floor")
-    position = order[first[group] + rank - k * count]
-    target = graph.col_idx[lo[group] + k]
-    return _ScoringPlan(order, torch.argsort(order), groups, position * graph.vocab_size + target, num_pairs)
+    row_ptr, col_idx = graph._host()
+    distinct, counts, sorted_positions = distinct.cpu().numpy(), counts.cpu().numpy(), order.cpu().numpy()
+    lo, hi = row_ptr[distinct], row_ptr[distinct + 1]
+    first = np.cumsum(counts) - counts
+    degree = hi - lo
+    num_edges, num_pairs = int(degree.sum()), int((degree * counts).sum())
+    # A group's block takes its slab's edges in turn, each with the group's sorted positions first .. + count.
+    edge = np.arange(num_edges) + np.repeat(lo - (np.cumsum(degree) - degree), degree)  # (E,) in block order
+    edge_first = np.repeat(first, degree)  # (E,) the group's first sorted position, per edge
+    if num_edges == num_pairs:  # one position per source (generation): each edge meets it once
+        position = sorted_positions[edge_first]
+    else:
+        edge_count = np.repeat(counts, degree)
+        pair_start = np.cumsum(edge_count) - edge_count
+        offset = np.repeat(edge_first - pair_start, edge_count)
+        position = sorted_positions[np.arange(num_pairs) + offset]
+        edge = np.repeat(edge, edge_count)
+    pair_index = torch.from_numpy(position * graph.vocab_size + col_idx[edge]).to(sources.device)
+    groups = list(zip(lo.tolist(), hi.tolist(), first.tolist(), counts.tolist()))
+    return _ScoringPlan(order, torch.argsort(order), groups, pair_index, num_pairs)
 
 
 def _compute_dtype(dtype):
@@ -869,6 +902,9 @@ class BriLLMModel(BriLLMPreTrainedModel):
         edge_logit = self.positions.view(-1)[arriving_edge.clamp(max=max_learned)].to(compute)  # (B, T)
         start = _gelu(1.0 / d + self.node_bias.view(V, d)[input_ids].to(compute) + pe_table[0])  # (B, T, d)
 
+        if cache.seen_positions == 0 and not cache.record_past and bool(mask.all()):
+            signals, energies = self._flow_unpadded(input_ids, cache, start, edge_w, edge_b, edge_pe, edge_logit)
+            return torch.stack(signals, 1), torch.stack(energies, 1), tokens_before, link
         signals, energies = [], []
         for t in range(T):
             present = mask[:, t]
@@ -896,6 +932,23 @@ class BriLLMModel(BriLLMPreTrainedModel):
         signal_positions = torch.where(mask, tokens_before, torch.full_like(tokens_before, -1))
         return torch.stack(signals, 1), torch.stack(energies, 1), signal_positions, link
 
+    def _flow_unpadded(self, input_ids, cache, start, edge_w, edge_b, edge_pe, edge_logit):
+        """`_flow`'s loop for its most common chunk, whole texts without padding (training, evaluation): the
+        same arithmetic without the per-row selections, in half the operations. Returns the lists of signals
+        and energies."""
+        signal = cache.signal = start[:, 0]
+        signals, energies = [signal], [signal]
+        for t in range(1, input_ids.shape[1]):
+            energy = _gelu(torch.bmm(signal.unsqueeze(1), edge_w[:, t]).squeeze(1) + edge_b[:, t] + edge_pe[:, t])
+            cache.numerator, cache.denominator, cache.max_logit = _accumulate(cache, energy, edge_logit[:, t])
+            signal = cache.signal = cache.numerator / cache.denominator[:, None]
+            signals.append(signal)
+            energies.append(energy)
+        cache.last_token = input_ids[:, -1]
+        cache.num_tokens = cache.num_tokens + input_ids.shape[1]
+        cache.seen_positions += input_ids.shape[1]
+        return signals, energies
+
     def _decode_step(self, input_ids, attention_mask, cache):
         """Advance ``cache`` by one token per text and score the next one: logits (B, V), no autograd.
 
@@ -908,6 +961,9 @@ class BriLLMModel(BriLLMPreTrainedModel):
             return None
         if input_ids.shape[0] == 1 and input_ids.device.type == "cpu":  # (on a GPU its host reads would stall it)
             return self._decode_one(input_ids[0], cache)
+        low, high, fewest = torch.stack([input_ids.min(), input_ids.max(), cache.num_tokens.min()]).tolist()
+        if not (0 <= low and high < self.config.vocab_size and fewest > 0):
+            return None
         d, shift, compute = self.config.hidden_size, self.config.position_shift, cache.signal.dtype
         token = input_ids[:, 0]  # (B,)
         edge = cache.num_tokens - 1  # (B,) index of the edge arriving at token
@@ -927,47 +983,61 @@ class BriLLMModel(BriLLMPreTrainedModel):
         return self._score(token, cache.signal, pe[edge + 1 + shift])
 
     def _decodable(self, input_ids, attention_mask, cache):
-        """Whether `_decode_step` may take this chunk: one valid token per text, each after at least one other."""
+        """Whether the chunk has the shape `_decode_step` takes: one unmasked token per text of a running cache.
+        (Whether the tokens are valid and follow one, it checks on the values it reads anyway.)"""
         if not (isinstance(cache, BriLLMCache) and cache.is_initialized and isinstance(input_ids, torch.Tensor)):
             return False
         B = cache.batch_size
         if input_ids.dtype not in (torch.int64, torch.int32) or tuple(input_ids.shape) != (B, 1):
             return False
-        checks = [input_ids.min(), input_ids.max(), cache.num_tokens.min()]
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
                 return False
             if attention_mask.shape[0] != B or attention_mask.shape[1] not in (1, cache.seen_positions + 1):
                 return False
-            checks.append((attention_mask[:, -1] == 1).all())
+            newest = attention_mask[:, -1]
+            if not (int(newest) == 1 if B == 1 else bool((newest == 1).all())):
+                return False
         self.graph.check()
-        low, high, fewest, *unmasked = torch.stack([c.long() for c in checks]).tolist()
-        return 0 <= low and high < self.config.vocab_size and fewest > 0 and all(unmasked)
+        return True
 
     def _decode_one(self, token, cache):
-        """`_decode_step` for one text, its scalars on the host: a few dozen small operations per token.
+        """`_decode_step` for one text on the CPU, its scalars on the host; None for what it does not take.
 
-        The arithmetic is `_flow`'s; the running-softmax scalars are computed in Python (double precision) and
-        stored back into the cache's float tensors.
+        The arithmetic of `_flow` and `_score_planned` in the fewest tensor operations (about 30): in generation each
+        costs several microseconds, as much as the slab read of a small node. Weights in another precision than
+        the cache's go the general way.
         """
-        d, shift, compute = self.config.hidden_size, self.config.position_shift, cache.signal.dtype
+        config, graph, weights, biases = self.config, self.graph, self.weights, self.biases
+        V, d, shift = config.vocab_size, config.hidden_size, config.position_shift
         source, target, before = int(cache.last_token), int(token), int(cache.num_tokens)  # arriving edge before - 1
-        pe = sinusoidal_positions(before + shift + 1, d, token.device).to(compute)
-        slot = self.graph.slot(source, target)
-        z = cache.signal.mm(self.weights[slot].to(compute)) + self.biases[slot].to(compute) + pe[before - 1 + shift]
-        logit = float(self.positions.view(-1)[min(before - 1, self.config.max_position_embeddings - 1)])
+        signal = cache.signal
+        if not (0 <= target < V and before > 0) or weights.dtype != signal.dtype:
+            return None
+        pe = sinusoidal_positions(before + shift + 1, d, token.device).to(signal.dtype)
+        # The arriving edge's energy joins the running softmax (its scalars in Python, double precision).
+        slot = graph.slot(source, target)
+        energy = torch.addmm(biases[slot], signal, weights[slot]).add_(pe[before - 1 + shift])
+        logit = float(self.positions.view(-1)[min(before - 1, config.max_position_embeddings - 1)])
         old_max, old_sum = float(cache.max_logit), float(cache.denominator)
         new_max = max(old_max, logit) if old_sum > 0 else logit
         rescale, weight = math.exp(min(old_max - new_max, 0.0)), math.exp(logit - new_max)
-        cache.numerator = torch.add(cache.numerator * rescale, _gelu(z), alpha=weight)  # (1, d)
-        cache.denominator = torch.full_like(cache.denominator, old_sum * rescale + weight)
-        cache.max_logit = torch.full_like(cache.max_logit, new_max)
-        cache.signal = cache.numerator / float(cache.denominator)
+        scalars = torch.tensor([old_sum * rescale + weight, new_max], dtype=signal.dtype)
+        cache.numerator = torch.add(cache.numerator * rescale, _gelu(energy, inplace=True), alpha=weight)
+        cache.denominator, cache.max_logit = scalars[:1], scalars[1:]
+        cache.signal = signal = cache.numerator / scalars[0]
         cache.last_token, cache.num_tokens = token, cache.num_tokens + 1
         cache.seen_positions += 1
         cache._record()
-        plan = _single_source_plan(self.graph, target)
-        return self._score_planned(plan, cache.signal, pe[before + shift : before + shift + 1])
+        # The next token's scores: its slab and the shared slot, in one (n + 1, d) block.
+        lo, hi = graph.row(target)
+        n = hi - lo
+        z = signal.new_empty(n + 1, d)
+        torch.baddbmm(biases[1 + lo : 1 + hi], signal.expand(n, 1, d), weights[1 + lo : 1 + hi], out=z[:n].view(n, 1, d))
+        torch.addmm(biases[0], signal, weights[0], out=z[n:])
+        scores = torch.linalg.vector_norm(_gelu(z.add_(pe[before + shift]), inplace=True), dim=-1)  # (n + 1,)
+        logits = scores[n:].expand(V).clone()
+        return logits.index_put_((graph.targets()[lo:hi],), scores[:n]).view(1, V)
 
     def _score(self, sources, signals, pe, gradient_link=None):
         """Full-vocabulary logits (N, V) of N positions: sources (N,), signals and their PE rows (N, d)."""
@@ -1018,6 +1088,9 @@ class _SuppressSelfLoop(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         return scores.scatter(1, input_ids[:, -1:], float("-inf"))
+
+    # `LogitsProcessorList` asks for the signature of every processor at every token; a stored one is ~10x cheaper.
+    __call__.__signature__ = inspect.signature(__call__)
 
 
 class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
@@ -1151,6 +1224,24 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
             cache.activate_past_recording()
         model_kwargs[_CACHE_KWARG] = cache
 
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, **kwargs):
+        """The forward inputs of one `generate` step. A decoding step with the usual arguments gets the generic
+        version's result (the newest token, the state, the other arguments) built directly: the generic one also
+        inspects `forward`'s signature and looks up the parameters' device at every token, which takes as long as
+        BriLLM's whole step. Everything else goes the generic way."""
+        cache = kwargs.get(_CACHE_KWARG)
+        if (
+            next_sequence_length != 1
+            or not (isinstance(cache, BriLLMCache) and cache.is_initialized)
+            or not _DECODE_STEP_KWARGS.issuperset(kwargs)
+            or input_ids.device != cache.signal.device
+        ):
+            return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+        inputs = {"input_ids": input_ids[:, -1:], **kwargs}
+        if inputs.get("attention_mask", 0) is None:
+            del inputs["attention_mask"]
+        return inputs
+
     def _get_logits_processor(self, generation_config, *args, **kwargs):
         processors = super()._get_logits_processor(generation_config, *args, **kwargs)
         if self.config.suppress_self_loop:
@@ -1161,6 +1252,9 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
 _CACHE_NAMES = ("past_key_values", "cache")
 # transformers 5.24 renamed the generation state from `past_key_values` to `cache`.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
+# The keyword arguments of a plain decoding step, which `prepare_inputs_for_generation` passes on unchanged.
+_DECODE_STEP_KWARGS = {_CACHE_KWARG, "attention_mask", "use_cache", "logits_to_keep", "output_hidden_states",
+                       "output_attentions", "return_dict"}  # fmt: skip
 
 
 def _pick_cache(past_key_values, cache):

@@ -189,10 +189,14 @@ def test_chunks_the_lean_step_cannot_take_go_the_general_way(monkeypatch):
         step = model(nxt, attention_mask=mask, past_key_values=out.past_key_values).logits
         alone = model(torch.tensor([[2]])).logits
         assert max_error(step[0], alone[0]) < 1e-6
-        bad = torch.tensor([[V], [1]])
-        assert model.model._decode_step(bad, None, out.past_key_values) is None
-        with pytest.raises(ValueError, match="outside this model's vocabulary"):
-            model(bad, past_key_values=out.past_key_values)
+        for bad, cache in ((torch.tensor([[V], [1]]), out.past_key_values), (torch.tensor([[-1]]), alone_cache(model))):
+            assert model.model._decode_step(bad, None, cache) is None
+            with pytest.raises(ValueError, match="outside this model's vocabulary"):
+                model(bad, past_key_values=cache)
+
+
+def alone_cache(model):
+    return model(torch.tensor([[1, 2]]), use_cache=True).past_key_values
 
 
 def test_batched_generation_equals_one_at_a_time():
