@@ -5,7 +5,7 @@ FIXTURE := tests/fixtures/official-tiny
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo convert-demo test clean
+.PHONY: setup demo convert-demo test bench-speed clean
 
 $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	python3 -m venv $(VENV)
@@ -26,6 +26,11 @@ convert-demo: setup
 	$(PY) conversion/convert_official_checkpoint.py --checkpoint $(FIXTURE)/model.bin --vocab $(FIXTURE)/vocab.json \
 		--frequencies $(FIXTURE)/word_frequency.json --output outputs/official-tiny
 	$(VENV)/bin/brillm generate outputs/official-tiny --prompt-ids 17,61,61 --max-new-tokens 16 --vocab $(FIXTURE)/vocab.json
+
+# Our scoring, training and generation against the in-repo reference path: a table, and outputs/speed.json.
+bench-speed: setup
+	mkdir -p outputs
+	$(PY) benchmarks/bench_speed.py --json outputs/speed.json --compile
 
 test: setup
 	$(PY) -m pytest -q

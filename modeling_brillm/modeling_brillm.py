@@ -960,7 +960,9 @@ class BriLLMModel(BriLLMPreTrainedModel):
         if not self._decodable(input_ids, attention_mask, cache):
             return None
         if input_ids.shape[0] == 1 and input_ids.device.type == "cpu":  # (on a GPU its host reads would stall it)
-            return self._decode_one(input_ids[0], cache)
+            logits = self._decode_one(input_ids[0], cache)
+            if logits is not None:
+                return logits
         low, high, fewest = torch.stack([input_ids.min(), input_ids.max(), cache.num_tokens.min()]).tolist()
         if not (0 <= low and high < self.config.vocab_size and fewest > 0):
             return None

@@ -4,7 +4,9 @@ lean decoding step vs full forwards, batched vs one-at-a-time generation, and th
 import pytest
 import torch
 from test_numerics import PARAMS, make_model, max_error, oracle_for, oracle_params, random_ids
+from transformers import GenerationMixin
 
+from modeling_brillm import BriLLMCache, BriLLMForCausalLM
 from modeling_brillm.modeling_brillm import BriLLMModel, _GatherSlots, triton_scores
 
 
@@ -168,6 +170,26 @@ def test_lean_decoding_step_equals_full_forward(batch, config, monkeypatch):
         assert max_error(steps, full) < 1e-6
 
 
+def test_unpadded_recurrence_equals_the_general_one(monkeypatch):
+    """Whole texts take `_flow_unpadded`; a recording cache sends the same texts through the general loop."""
+    model = make_model(seed=20, position_shift=2, max_position_embeddings=6)
+    ids = random_ids(3, 11, model.config.vocab_size, seed=21)
+    lean_runs = []
+    real = BriLLMModel._flow_unpadded
+    monkeypatch.setattr(BriLLMModel, "_flow_unpadded", lambda self, *a: lean_runs.append(1) or real(self, *a))
+    for grad in (False, True):
+        recording = BriLLMCache()
+        recording.activate_past_recording()
+        with torch.set_grad_enabled(grad):
+            lean = model(ids, labels=ids, use_cache=True)
+            general = model(ids, labels=ids, past_key_values=recording, use_cache=True)
+        assert max_error(lean.logits, general.logits) == 0 and torch.equal(lean.loss, general.loss)
+        for name in BriLLMCache._TENSORS:
+            assert torch.equal(getattr(lean.past_key_values, name), getattr(general.past_key_values, name)), name
+        assert lean.past_key_values.seen_positions == general.past_key_values.seen_positions == ids.shape[1]
+    assert len(lean_runs) == 2  # once per grad mode: the recording cache never took it
+
+
 def test_lean_decoding_step_with_bfloat16_weights():
     model = make_model(seed=14).eval().to(torch.bfloat16)
     ids = random_ids(1, 10, model.config.vocab_size, seed=15)
@@ -208,6 +230,31 @@ def test_batched_generation_equals_one_at_a_time():
     for row, prompt in zip(batched, prompts):
         alone = model.generate(prompt[None], max_new_tokens=12, do_sample=False)[0]
         assert torch.equal(row, alone)
+
+
+def test_generation_step_inputs_equal_the_generic_ones(monkeypatch):
+    """The lean `prepare_inputs_for_generation` returns, at every decoding step, what transformers' own would."""
+    model = make_model(vocab_size=30, seed=22).eval()
+    lean = BriLLMForCausalLM.prepare_inputs_for_generation
+    steps = []
+
+    def both(self, input_ids, next_sequence_length=None, **kwargs):
+        ours = lean(self, input_ids, next_sequence_length=next_sequence_length, **kwargs)
+        generic = GenerationMixin.prepare_inputs_for_generation(self, input_ids, next_sequence_length, **kwargs)
+        assert ours.keys() == generic.keys()
+        for key, value in ours.items():
+            assert torch.equal(value, generic[key]) if torch.is_tensor(value) else value is generic[key], key
+        steps.append(next_sequence_length == 1 and isinstance(kwargs.get("past_key_values", kwargs.get("cache")), BriLLMCache))
+        return ours
+
+    monkeypatch.setattr(BriLLMForCausalLM, "prepare_inputs_for_generation", both)
+    prompts, mask = random_ids(3, 5, 30, seed=23), torch.ones(3, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    for options in (dict(do_sample=False), dict(do_sample=True, top_k=5), dict(num_beams=2),
+                    dict(output_hidden_states=True, return_dict_in_generate=True)):  # fmt: skip
+        steps.clear()
+        model.generate(prompts, attention_mask=mask, max_new_tokens=4, **options)
+        assert steps.count(True) == 3, options  # the prefill goes the generic way, every later step the lean one
 
 
 def test_edge_graph_slot_of_one_edge_equals_slots():
