@@ -245,7 +245,7 @@ def bench_eval(model, ref, guard, texts):
     with torch.no_grad():
         error = abs(float(ours()) - float(theirs()))
         assert error < 1e-4, f"eval losses differ by {error}"
-        return {**compare(guard, ours, theirs, 3, 5), "loss_error": error}
+        return {**compare(guard, ours, theirs, 5, 5), "loss_error": error}
 
 
 def bench_train(model, ref, guard, texts, row_ptr, col_idx):

@@ -1006,9 +1006,9 @@ class BriLLMModel(BriLLMPreTrainedModel):
     def _decode_one(self, token, cache):
         """`_decode_step` for one text on the CPU, its scalars on the host; None for what it does not take.
 
-        The arithmetic of `_flow` and `_score_planned` in the fewest tensor operations (about 30): in generation each
-        costs several microseconds, as much as the slab read of a small node. Weights in another precision than
-        the cache's go the general way.
+        The arithmetic of `_flow` and `_score_planned` in the fewest tensor operations (about 30): in generation
+        each costs several microseconds, as much as the slab read of a small node. Weights in another precision
+        than the cache's go the general way.
         """
         config, graph, weights, biases = self.config, self.graph, self.weights, self.biases
         V, d, shift = config.vocab_size, config.hidden_size, config.position_shift
@@ -1035,7 +1035,8 @@ class BriLLMModel(BriLLMPreTrainedModel):
         lo, hi = graph.row(target)
         n = hi - lo
         z = signal.new_empty(n + 1, d)
-        torch.baddbmm(biases[1 + lo : 1 + hi], signal.expand(n, 1, d), weights[1 + lo : 1 + hi], out=z[:n].view(n, 1, d))
+        slab = slice(1 + lo, 1 + hi)
+        torch.baddbmm(biases[slab], signal.expand(n, 1, d), weights[slab], out=z[:n].view(n, 1, d))
         torch.addmm(biases[0], signal, weights[0], out=z[n:])
         scores = torch.linalg.vector_norm(_gelu(z.add_(pe[before + shift]), inplace=True), dim=-1)  # (n + 1,)
         logits = scores[n:].expand(V).clone()

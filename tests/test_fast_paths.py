@@ -244,7 +244,8 @@ def test_generation_step_inputs_equal_the_generic_ones(monkeypatch):
         assert ours.keys() == generic.keys()
         for key, value in ours.items():
             assert torch.equal(value, generic[key]) if torch.is_tensor(value) else value is generic[key], key
-        steps.append(next_sequence_length == 1 and isinstance(kwargs.get("past_key_values", kwargs.get("cache")), BriLLMCache))
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        steps.append(next_sequence_length == 1 and isinstance(cache, BriLLMCache))
         return ours
 
     monkeypatch.setattr(BriLLMForCausalLM, "prepare_inputs_for_generation", both)
