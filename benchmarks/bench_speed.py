@@ -23,11 +23,12 @@ graph, then times each workload on our fast path (`BriLLMForCausalLM`) and on `r
   per parameter, projected to the released English shape (906,998 slots).
 
 Each timing is the median of several runs. The benchmark machines are shared, so each run starts in a quiet
-moment (then follows one untimed run of the same workload, ours and the reference's alike) and is repeated when other processes took the CPUs meanwhile (`QuietGuard`, bounded waits; the report
-says how many runs stayed disturbed), and our runs alternate with the reference's so that both meet the same
-conditions. Peak memory is the growth of the resident set above its level at the start of a workload (``VmHWM``
-after resetting it; memory the allocator already holds does not show). Huge pages for large tensors are on
-(``THP_MEM_ALLOC_ENABLE=1``, as for training entry points), for both paths alike; set it to 0 to compare.
+moment, follows one untimed run of the same workload (ours and the reference's alike), and is repeated when
+other processes took the CPUs meanwhile (`QuietGuard`, bounded waits; the report says how many runs stayed
+disturbed); our runs alternate with the reference's so that both meet the same conditions. Peak memory is the
+growth of the resident set above its level at the start of a workload (``VmHWM`` after resetting it; memory the
+allocator already holds does not show). Huge pages for large tensors are on (``THP_MEM_ALLOC_ENABLE=1``, as for
+training entry points), for both paths alike; set it to 0 to compare.
 Prints a table and writes JSON. Takes 2-4 minutes on 2 idle cores.
 """
 
@@ -52,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reference_path import ReferencePath  # noqa: E402
 
 from modeling_brillm import BriLLMConfig, BriLLMForCausalLM  # noqa: E402
-from modeling_brillm.modeling_brillm import _CACHE_KWARG  # noqa: E402
 from modeling_brillm.optimization import LazyAdamW  # noqa: E402
 
 ENGLISH_SLOTS, ENGLISH_VOCAB = 906_998, 4000
