@@ -933,20 +933,32 @@ class BriLLMModel(BriLLMPreTrainedModel):
         return torch.stack(signals, 1), torch.stack(energies, 1), signal_positions, link
 
     def _flow_unpadded(self, input_ids, cache, start, edge_w, edge_b, edge_pe, edge_logit):
-        """`_flow`'s loop for its most common chunk, whole texts without padding (training, evaluation): the
-        same arithmetic without the per-row selections, in half the operations. Returns the lists of signals
-        and energies."""
+        """`_flow`'s loop for its most common chunk, whole texts without padding from a fresh cache (training,
+        evaluation): every text is at the same position, so the running softmax's rescale factors and weights are
+        the same for all and are computed for all steps at once (`_accumulate`'s arithmetic, the same bits).
+        Returns the lists of signals and energies."""
         signal = cache.signal = start[:, 0]
         signals, energies = [signal], [signal]
-        for t in range(1, input_ids.shape[1]):
-            energy = _gelu(torch.bmm(signal.unsqueeze(1), edge_w[:, t]).squeeze(1) + edge_b[:, t] + edge_pe[:, t])
-            cache.numerator, cache.denominator, cache.max_logit = _accumulate(cache, energy, edge_logit[:, t])
-            signal = cache.signal = cache.numerator / cache.denominator[:, None]
-            signals.append(signal)
-            energies.append(energy)
+        T = input_ids.shape[1]
+        if T > 1:
+            logit = edge_logit[0, 1:]  # (T - 1,) the positional logit of each edge
+            running_max = torch.cummax(logit.detach(), 0).values
+            before = torch.cat([cache.max_logit[:1], running_max[:-1]])
+            rescales = torch.exp((before - running_max).clamp(max=0)).unbind(0)
+            weights = torch.exp(logit - running_max).unbind(0)
+            numerator, denominator = cache.numerator, cache.denominator
+            for t in range(1, T):
+                energy = _gelu(torch.bmm(signal.unsqueeze(1), edge_w[:, t]).squeeze(1) + edge_b[:, t] + edge_pe[:, t])
+                numerator = numerator * rescales[t - 1] + weights[t - 1] * energy
+                denominator = denominator * rescales[t - 1] + weights[t - 1]
+                signal = numerator / denominator[:, None]
+                signals.append(signal)
+                energies.append(energy)
+            cache.signal, cache.numerator, cache.denominator = signal, numerator, denominator
+            cache.max_logit = running_max[-1].expand_as(cache.max_logit).clone()
         cache.last_token = input_ids[:, -1]
-        cache.num_tokens = cache.num_tokens + input_ids.shape[1]
-        cache.seen_positions += input_ids.shape[1]
+        cache.num_tokens = cache.num_tokens + T
+        cache.seen_positions += T
         return signals, energies
 
     def _decode_step(self, input_ids, attention_mask, cache):
