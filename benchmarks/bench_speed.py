@@ -409,14 +409,14 @@ def english_projection(bytes_per_parameter, d=32):
 def bench_compile(model, guard, texts):
     """``torch.compile`` (dynamic shapes) of the no-grad scoring epilogue, norm(GELU(z)) over the eval batch's
     pre-activations, against the eager in-place version the model runs."""
-    from modeling_brillm.modeling_brillm import _gelu, _plan_scoring, _preactivations
+    from modeling_brillm.scoring_brillm import gelu, plan_scoring, preactivations
 
     base = model.model
     with torch.no_grad():
         signals = base(texts).last_hidden_state.reshape(-1, model.config.hidden_size)
-        plan = _plan_scoring(base.graph, texts.reshape(-1))
-        z = _preactivations(signals[plan.order], torch.randn_like(signals), base.weights, base.biases, plan)
-        eager = lambda z: torch.linalg.vector_norm(_gelu(z, inplace=True), dim=-1)  # noqa: E731
+        plan = plan_scoring(base.graph, texts.reshape(-1))
+        z = preactivations(signals[plan.order], torch.randn_like(signals), base.weights, base.biases, plan)
+        eager = lambda z: torch.linalg.vector_norm(gelu(z, inplace=True), dim=-1)  # noqa: E731
         compiled = torch.compile(lambda z: torch.linalg.vector_norm(torch.nn.functional.gelu(z), dim=-1), dynamic=True)
         start = time.perf_counter()
         compiled(z)

@@ -56,6 +56,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from modeling_brillm.corpora import sha256_file  # noqa: E402  (after the settings torch reads on import)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KENLM_CACHE = Path.home() / ".cache" / "brillm" / "kenlm"
 KENLM_SDIST = ("kenlm", "0.3.0", "kenlm-0.3.0.tar.gz", "c4628bb9fb63c8a6f9240035b8b037385cfc404cb72e933cf48878291edac1e8")
@@ -171,8 +173,8 @@ def prepare(recipe, output_dir):
         "tokenizer": recipe["tokenizer"],
         "vocab_size": recipe["vocab_size"],
         "seq_len": recipe["seq_len"],
-        "train_sha256": _sha256(corpus / "train.txt"),
-        "valid_sha256": _sha256(corpus / "valid.txt"),
+        "train_sha256": sha256_file(corpus / "train.txt"),
+        "valid_sha256": sha256_file(corpus / "valid.txt"),
     }
     stamp = prepared / "quality-stamp.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
@@ -185,14 +187,6 @@ def prepare(recipe, output_dir):
     stamp.write_text(json.dumps(wanted, indent=1))
     say(f"prepared {corpus} in {time.perf_counter() - started:.1f} s -> {prepared}")
     return prepared
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def validation_sets(recipe, prepared, dataset, tokenizer):
@@ -434,7 +428,7 @@ def ensure_kenlm(install=True, cache_dir=KENLM_CACHE):
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode or not sdist.is_file():
             raise KenLMUnavailable(f"`pip download {name}=={version}` failed: {result.stderr.strip()[-400:]}")
-    if _sha256(sdist) != sha256:
+    if sha256_file(sdist) != sha256:
         raise KenLMUnavailable(f"{sdist} does not have the pinned sha256 {sha256}: delete it and run again")
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         with tarfile.open(sdist) as archive:

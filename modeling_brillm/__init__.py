@@ -14,15 +14,9 @@ Importing this package registers BriLLM with the Auto classes, so checkpoints lo
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_brillm import BriLLMConfig
-from .modeling_brillm import (
-    BriLLMCache,
-    BriLLMEdgeGraph,
-    BriLLMForCausalLM,
-    BriLLMModel,
-    BriLLMPreTrainedModel,
-    dense_graph,
-    sinusoidal_positions,
-)
+from .graph_brillm import BriLLMEdgeGraph, dense_graph
+from .modeling_brillm import BriLLMForCausalLM, BriLLMModel, BriLLMPreTrainedModel
+from .signal_brillm import BriLLMCache, sinusoidal_positions
 
 AutoConfig.register(BriLLMConfig.model_type, BriLLMConfig, exist_ok=True)
 AutoModel.register(BriLLMConfig, BriLLMModel, exist_ok=True)

@@ -136,6 +136,21 @@ class BriLLMConfig(PretrainedConfig):
         return self.num_slots == 1 + self.vocab_size * self.vocab_size
 
 
+def count_parameters(vocab_size, hidden_size, num_slots, max_position_embeddings):
+    """Parameters of a BriLLM: a ``d x d`` matrix and a bias per slot, a bias per node, a logit per learned position.
+
+    Example:
+
+    ```python
+    >>> count_parameters(vocab_size=4000, hidden_size=32, num_slots=906998, max_position_embeddings=512)
+    957918400
+
+    ```
+    """
+    d = hidden_size
+    return num_slots * (d * d + d) + vocab_size * d + max_position_embeddings
+
+
 def _check_int(name, value, minimum, hint):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum} ({hint}); got {value!r}.")
@@ -143,4 +158,4 @@ def _check_int(name, value, minimum, hint):
 
 BriLLMConfig.register_for_auto_class()
 
-__all__ = ["BriLLMConfig"]
+__all__ = ["BriLLMConfig", "count_parameters"]

@@ -28,6 +28,10 @@ Example:
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from .configuration_brillm import count_parameters
+from .graph_brillm import BriLLMEdgeGraph
 
 _SPARSE_CHUNK = 1 << 24  # pending sparse keys merged into the running counts once this many have arrived
 
@@ -134,15 +138,14 @@ class BigramCounter:
 
 @dataclass
 class EdgeGraph:
-    """A CSR slot map with the training count of every owned edge.
+    """A slot map built from a corpus: the model's CSR type (`BriLLMEdgeGraph`) with the training count of every
+    owned edge.
 
     Source ``u`` owns slots ``1 + row_ptr[u] .. row_ptr[u + 1]`` for its sorted targets
     ``col_idx[row_ptr[u]:row_ptr[u + 1]]`` (the reference's row-major slot order); every other edge uses slot 0.
 
     Attributes:
-        vocab_size: number of nodes ``V``.
-        row_ptr: (V+1,) int64 offsets into ``col_idx``.
-        col_idx: (E,) int32 owned targets, sorted within each row.
+        slot_map: the `BriLLMEdgeGraph` (``row_ptr`` (V+1,) int64, ``col_idx`` (E,) int32), as the model holds it.
         counts: (E,) int64 training count of each owned edge.
         num_pairs: bigram occurrences counted to build the graph.
         num_distinct: distinct bigrams seen (before ``min_edge_count`` and the per-source cap).
@@ -162,9 +165,7 @@ class EdgeGraph:
     ```
     """
 
-    vocab_size: int
-    row_ptr: np.ndarray
-    col_idx: np.ndarray
+    slot_map: BriLLMEdgeGraph
     counts: np.ndarray
     num_pairs: int = 0
     num_distinct: int = 0
@@ -172,37 +173,41 @@ class EdgeGraph:
     max_edges_per_source: int | None = None
 
     @property
+    def vocab_size(self):
+        return self.slot_map.vocab_size
+
+    @property
+    def row_ptr(self):
+        """(V+1,) int64 NumPy view of the slot map's offsets."""
+        return self.slot_map.row_ptr.numpy()
+
+    @property
+    def col_idx(self):
+        """(E,) int32 NumPy view of the slot map's owned targets."""
+        return self.slot_map.col_idx.numpy()
+
+    @property
     def num_own_edges(self):
         """Number of edges that own a slot."""
-        return int(self.col_idx.size)
+        return self.slot_map.num_slots - 1
 
     @property
     def num_slots(self):
         """Parameter slots ``P`` = shared slot 0 + one per owned edge (the config's ``num_slots``)."""
-        return 1 + self.num_own_edges
+        return self.slot_map.num_slots
 
     def degrees(self):
         """Owned out-edges of every node: (V,) int64."""
-        return np.diff(self.row_ptr)
-
-    def keys(self):
-        """``u * V + v`` of every owned edge, in slot order (sorted): (E,) int64."""
-        sources = np.repeat(np.arange(self.vocab_size, dtype=np.int64), self.degrees())
-        return sources * self.vocab_size + self.col_idx
+        return self.slot_map.degrees().numpy()
 
     def owns(self, sources, targets):
         """Whether each edge ``sources[i] -> targets[i]`` owns a slot (bool array of their shape)."""
-        keys = np.asarray(sources, dtype=np.int64) * self.vocab_size + np.asarray(targets, dtype=np.int64)
-        own = self.keys()
-        if own.size == 0:
-            return np.zeros(keys.shape, dtype=bool)
-        found = np.minimum(np.searchsorted(own, keys), own.size - 1)
-        return own[found] == keys
+        slots = self.slot_map.slots(torch.as_tensor(np.asarray(sources)), torch.as_tensor(np.asarray(targets)))
+        return (slots > 0).numpy()
 
     def num_parameters(self, hidden_size, max_position_embeddings=512):
-        """Parameters of a BriLLM on this graph: slot matrices and biases, node biases, positional weights."""
-        d = hidden_size
-        return self.num_slots * (d * d + d) + self.vocab_size * d + max_position_embeddings
+        """Parameters of a BriLLM on this graph (`count_parameters`)."""
+        return count_parameters(self.vocab_size, hidden_size, self.num_slots, max_position_embeddings)
 
 
 def build_graph(counts, vocab_size=None, min_edge_count=1, max_edges_per_source=None):
@@ -257,13 +262,8 @@ def build_graph(counts, vocab_size=None, min_edge_count=1, max_edges_per_source=
         rank = np.arange(order.size) - starts
         kept = np.sort(order[rank < max_edges_per_source])
         keys, counts = keys[kept], counts[kept]
-    sources = keys // vocab_size
-    row_ptr = np.zeros(vocab_size + 1, dtype=np.int64)
-    np.cumsum(np.bincount(sources, minlength=vocab_size), out=row_ptr[1:])
     return EdgeGraph(
-        vocab_size=vocab_size,
-        row_ptr=row_ptr,
-        col_idx=(keys % vocab_size).astype(np.int32),
+        slot_map=BriLLMEdgeGraph.from_edge_keys(keys, vocab_size),
         counts=counts,
         num_pairs=num_pairs,
         num_distinct=num_distinct,
@@ -326,9 +326,7 @@ def graph_statistics(graph, hidden_size=32, max_position_embeddings=512, heldout
     V = graph.vocab_size
     degrees = graph.degrees()
     num_parameters = graph.num_parameters(hidden_size, max_position_embeddings)
-    dense_parameters = (
-        (1 + V * V) * (hidden_size * hidden_size + hidden_size) + V * hidden_size + max_position_embeddings
-    )
+    dense_parameters = count_parameters(V, hidden_size, 1 + V * V, max_position_embeddings)
     stats = {
         "vocab_size": V,
         "hidden_size": hidden_size,

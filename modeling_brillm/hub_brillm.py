@@ -1,13 +1,16 @@
 """Model cards and Hub publishing for BriLLM checkpoint folders.
 
-``modeling_brillm.py`` imports this file, so ``save_pretrained`` copies it next to the weights as remote code: it
-imports only the standard library and huggingface_hub.
+Used by the tools that write checkpoints (``brillm prepare``/``train``/``push``, the converter); the model code
+does not import it, so checkpoints do not carry it.
 """
 
 import json
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
+
+from .configuration_brillm import count_parameters
 
 CARD_TAGS = ["brillm", "custom_code"]
 EXAMPLE_PROMPTS = {"en": "In frogs, the hind legs are larger", "zh": "《罗马》描述了"}
@@ -33,7 +36,7 @@ def parameter_counts(config):
         _field(config, name) for name in ("vocab_size", "hidden_size", "num_slots", "max_position_embeddings")
     )
     return {
-        "total": P * (d * d + d) + V * d + positions,
+        "total": count_parameters(V, d, P, positions),
         "slots": P,
         "own_edges": P - 1,
         "possible_edges": V * V,
@@ -255,8 +258,8 @@ def checkpoint_files(folder):
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     BriLLMForCausalLM(BriLLMConfig(vocab_size=8, hidden_size=4)).save_pretrained(folder)
     ...     [path.name for path in checkpoint_files(folder)]  # doctest: +NORMALIZE_WHITESPACE
-    ['README.md', 'config.json', 'configuration_brillm.py', 'generation_config.json', 'hub_brillm.py',
-     'model.safetensors', 'modeling_brillm.py']
+    ['config.json', 'configuration_brillm.py', 'generation_config.json', 'graph_brillm.py', 'model.safetensors',
+     'modeling_brillm.py', 'scoring_brillm.py', 'signal_brillm.py']
 
     ```
     """
@@ -338,6 +341,15 @@ def push_folder(
     return commit.pr_url or commit.commit_url
 
 
+def push_model(model, repo_id, *, max_shard_size="50GB", tags=(), **hub_kwargs):
+    """Save ``model`` (a BriLLM model) with a model card to a temporary folder and upload it in one commit, as
+    `push_folder` does (which takes ``hub_kwargs``); returns the commit URL."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        write_model_card(folder, model.config, repo_id=repo_id, tags=list(tags or ()))
+        return push_folder(folder, repo_id, **hub_kwargs)
+
+
 def _short_count(n):
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
 
@@ -359,5 +371,6 @@ __all__ = [
     "model_card",
     "parameter_counts",
     "push_folder",
+    "push_model",
     "write_model_card",
 ]

@@ -1,21 +1,19 @@
 """BriLLM: a graph language model with one node per token and a signal that flows along edges.
 
-Numerics follow the reference code (brillm05/BriLLM0.5) to float32 rounding; see ``SPEC.md``.
+Numerics follow the reference code (brillm05/BriLLM0.5) to float32 rounding; see ``SPEC.md``. Read in this order:
+``graph_brillm.py`` (the edge graph), ``signal_brillm.py`` (the signal recurrence and its cache),
+``scoring_brillm.py`` (next-token scores and their gradient), then the models below.
 
 Notation used in shape comments: B batch, T chunk length, d hidden size, V vocabulary (nodes), P slots,
 N scored positions, M owned (position, target) pairs.
 
 This file is copied next to the weights by ``save_pretrained`` and loaded as remote code: it imports only
-torch, numpy, transformers and its flat siblings ``configuration_brillm`` and ``hub_brillm`` (model cards,
-publishing).
+torch, transformers and its flat siblings.
 """
 
 import inspect
-import math
-import tempfile
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,648 +23,19 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_brillm import BriLLMConfig
-from .hub_brillm import push_folder, write_model_card
-
-# ----------------------------------------------------------------------------------------------------------------
-# Positional encoding
-
-
-_POSITIONAL_TABLES = {}
-
-
-def sinusoidal_positions(length, hidden_size, device):
-    """The reference positional encoding for positions ``0 .. length-1``: (length, hidden_size) float32.
-
-    It *multiplies* the position by ``10000 ** (2k / d)`` (the usual encoding divides), so its arguments are
-    huge and the values depend on float32 rounding: this is the reference's exact float32 expression.
-    Tables are cached per device and grown in blocks of 512 rows as longer texts arrive.
-    """
-    key = (hidden_size, str(device))
-    table = _POSITIONAL_TABLES.get(key)
-    if table is None or table.shape[0] < length:
-        rows = max(512, -(-length // 512) * 512)
-        position = torch.arange(0, rows).reshape(-1, 1)
-        div_term = 10000.0 ** (torch.arange(0, hidden_size, 2) / hidden_size)
-        table = torch.zeros(rows, hidden_size)
-        table[:, 0::2] = torch.sin(position * div_term)
-        table[:, 1::2] = torch.cos(position * div_term)
-        table = table.to(device)
-        _POSITIONAL_TABLES[key] = table
-    return table[:length]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The edge graph
-
-
-def dense_graph(vocab_size):
-    """CSR slot map of the dense graph (every edge owns a slot): ``(row_ptr (V+1,) int64, col_idx (V*V,) int32)``."""
-    row_ptr = torch.arange(0, vocab_size + 1, dtype=torch.int64) * vocab_size
-    col_idx = torch.arange(vocab_size, dtype=torch.int32).repeat(vocab_size)
-    return row_ptr, col_idx
-
-
-class BriLLMEdgeGraph(nn.Module):
-    """Which edges own a parameter slot, as CSR buffers saved with the weights.
-
-    Slots are numbered row-major in node-id order: source ``s`` owns slots ``1 + row_ptr[s] .. row_ptr[s+1]``
-    (one contiguous slab of ``weights``), whose targets are the sorted ``col_idx[row_ptr[s]:row_ptr[s+1]]``.
-    Every other edge uses the shared slot 0.
-
-    Example:
-
-    ```python
-    >>> import torch
-    >>> from modeling_brillm.modeling_brillm import BriLLMEdgeGraph
-    >>> graph = BriLLMEdgeGraph(vocab_size=3, num_slots=4)
-    >>> graph.set_graph(torch.tensor([0, 2, 2, 3]), torch.tensor([0, 2, 1], dtype=torch.int32))
-    >>> graph.slots(torch.tensor([0, 0, 1, 2]), torch.tensor([2, 1, 1, 1])).tolist()  # 0->1 and 1->1 are shared
-    [2, 0, 0, 3]
-
-    ```
-    """
-
-    def __init__(self, vocab_size, num_slots):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.num_slots = num_slots
-        if num_slots == 1 + vocab_size * vocab_size:
-            row_ptr, col_idx = dense_graph(vocab_size)
-        else:  # filled by set_graph() or by loading a checkpoint
-            row_ptr = torch.zeros(vocab_size + 1, dtype=torch.int64)
-            col_idx = torch.zeros(num_slots - 1, dtype=torch.int32)
-        self.register_buffer("row_ptr", row_ptr)
-        self.register_buffer("col_idx", col_idx)
-        self._checked = False
-        self._derived = {}  # tables computed from the buffers: see `_table`
-
-    def set_graph(self, row_ptr, col_idx):
-        """Install a CSR slot map (validated; raises `ValueError` when it does not fit this graph)."""
-        row_ptr = torch.as_tensor(row_ptr, dtype=torch.int64)
-        col_idx = torch.as_tensor(col_idx, dtype=torch.int32)
-        self._validate(row_ptr, col_idx)
-        with torch.no_grad():
-            self.row_ptr.copy_(row_ptr)
-            self.col_idx.copy_(col_idx)
-        self._checked = True
-        self._derived = {}
-
-    def check(self):
-        """Validate the buffers once (after construction or loading); raises `ValueError` if they are unusable."""
-        if not self._checked:
-            self._validate(self.row_ptr, self.col_idx)
-            self._checked = True
-            self._derived = {}
-
-    def _validate(self, row_ptr, col_idx):
-        V, own = self.vocab_size, self.num_slots - 1
-        if tuple(row_ptr.shape) != (V + 1,) or tuple(col_idx.shape) != (own,):
-            raise ValueError(
-                f"edge graph buffers have shapes row_ptr {tuple(row_ptr.shape)} and col_idx {tuple(col_idx.shape)}, "
-                f"but the config says vocab_size={V} and num_slots={self.num_slots}: expected row_ptr ({V + 1},) "
-                f"and col_idx ({own},). The checkpoint and its config.json do not belong together."
-            )
-        if row_ptr.device.type == "meta":
-            return
-        if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != own or bool((row_ptr[1:] < row_ptr[:-1]).any()):
-            raise ValueError(
-                f"edge graph row_ptr must start at 0, never decrease and end at num_slots - 1 = {own}; it ends at "
-                f"{int(row_ptr[-1])}. If this is a sparse model, build the graph with set_graph()/from_graph() "
-                "or load it from a checkpoint that contains it."
-            )
-        if own == 0:
-            return
-        if int(col_idx.min()) < 0 or int(col_idx.max()) >= V:
-            raise ValueError(f"edge graph col_idx holds targets outside [0, {V}).")
-        keys = _edge_keys(row_ptr, col_idx, V)
-        if bool((keys[1:] <= keys[:-1]).any()):
-            raise ValueError("edge graph col_idx must be strictly increasing within each source row (no duplicates).")
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._checked = False
-        self._derived = {}
-
-    def _table(self, name, build):
-        """A table derived from the buffers, kept until they change (set_graph, loading) or move (``.to()``)."""
-        key = (self.row_ptr.data_ptr(), self.col_idx.data_ptr())
-        entry = self._derived.get(name)
-        if entry is None or entry[0] != key:
-            entry = self._derived[name] = (key, build())
-        return entry[1]
-
-    def targets(self):
-        """``col_idx`` as int64, the index type of scatters: (P-1,)."""
-        return self._table("targets", lambda: self.col_idx.long())
-
-    def _host(self):
-        """``(row_ptr, col_idx)`` as NumPy arrays for host-side look-ups (views of the buffers on the CPU)."""
-        return self._table("host", lambda: (self.row_ptr.cpu().numpy(), self.col_idx.cpu().numpy()))
-
-    def row(self, source):
-        """``(lo, hi)``: the owned edges of ``source`` (a host int) are ``lo .. hi-1``, its slots ``1+lo .. hi``."""
-        row_ptr = self._host()[0]
-        return int(row_ptr[source]), int(row_ptr[source + 1])
-
-    def degrees(self):
-        """Number of owned out-edges of every node: (V,) int64."""
-        return self.row_ptr[1:] - self.row_ptr[:-1]
-
-    def slots(self, sources, targets):
-        """Slot of each edge ``sources[i] -> targets[i]`` (any shape; 0 where the edge is shared)."""
-        edge_keys = self._table("edge_keys", lambda: _edge_keys(self.row_ptr, self.col_idx, self.vocab_size))
-        keys = sources.long() * self.vocab_size + targets.long()
-        if edge_keys.numel() == 0:
-            return torch.zeros_like(keys)
-        found = torch.searchsorted(edge_keys, keys)
-        hit = edge_keys[found.clamp(max=edge_keys.numel() - 1)] == keys
-        return torch.where(hit, found + 1, torch.zeros_like(found))
-
-    def slot(self, source, target):
-        """Slot of one edge given as host ints (0 when shared): a binary search in the source's row."""
-        lo, hi = self.row(source)
-        col_idx = self._host()[1]
-        k = lo + int(col_idx[lo:hi].searchsorted(target))
-        return 1 + k if k < hi and int(col_idx[k]) == target else 0
-
-
-def _edge_keys(row_ptr, col_idx, vocab_size):
-    """``source * V + target`` of every owned edge, in slot order (sorted for a valid graph): (P-1,) int64."""
-    sources = torch.repeat_interleave(torch.arange(vocab_size, device=row_ptr.device), row_ptr[1:] - row_ptr[:-1])
-    return sources * vocab_size + col_idx.long()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The SiFu cache: the whole generation state, O(d) per sequence
-
-
-class BriLLMCache:
-    """The signal-flow state of a batch of texts: everything BriLLM needs to score the next token.
-
-    The signal leaving token ``k`` (k >= 1) is the softmax(positional logits)-weighted mean of the energies of
-    the edges travelled so far, kept as a running numerator/denominator (rescaled by their running maximum
-    logit, so nothing overflows). With the last token and the count of tokens this is the whole state: it does
-    not grow with the text, so generation has no length limit and a constant cost per token.
-
-    The tensors are created by the first forward that uses the cache (an empty cache fits any batch size).
-    For assisted decoding, ``activate_past_recording()`` keeps the state after every position so that
-    ``crop(-n)`` can roll the last n positions back.
-
-    Attributes:
-        signal: (B, d) signal that will leave the last token.
-        numerator: (B, d) sum of ``exp(p_j - max_logit) * E_j`` over travelled edges ``j``.
-        denominator: (B,) sum of ``exp(p_j - max_logit)``.
-        max_logit: (B,) running maximum positional logit (no gradient flows through it).
-        last_token: (B,) last real token, -1 before the first.
-        num_tokens: (B,) real (unmasked) tokens consumed.
-        seen_positions: columns of ``input_ids`` consumed, padding included (what ``generate`` expects).
-
-    Example:
-
-    ```python
-    >>> import torch
-    >>> from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
-    >>> model = BriLLMForCausalLM(BriLLMConfig(vocab_size=16, hidden_size=4)).eval()
-    >>> out = model(torch.tensor([[3, 5, 7]]), use_cache=True)
-    >>> cache = out.past_key_values
-    >>> cache.get_seq_length(), cache.signal.shape
-    (3, torch.Size([1, 4]))
-    >>> step = model(torch.tensor([[2]]), past_key_values=cache)  # scores the token after 3 5 7 2
-    >>> step.logits.shape
-    torch.Size([1, 1, 16])
-
-    ```
-    """
-
-    is_compileable = False
-    is_linear = [False]
-    is_croppable = True
-    _TENSORS = ("signal", "numerator", "denominator", "max_logit", "last_token", "num_tokens")
-
-    def __init__(self):
-        for name in self._TENSORS:
-            setattr(self, name, None)
-        self.seen_positions = 0
-        self.record_past = False
-        self._past = []  # states after each recorded position, oldest first
-
-    def initialize(self, batch_size, hidden_size, device, dtype):
-        """Create the empty state of ``batch_size`` texts (done by the first forward)."""
-        self.signal = torch.zeros(batch_size, hidden_size, device=device, dtype=dtype)
-        self.numerator = torch.zeros(batch_size, hidden_size, device=device, dtype=dtype)
-        self.denominator = torch.zeros(batch_size, device=device, dtype=dtype)
-        self.max_logit = torch.zeros(batch_size, device=device, dtype=dtype)
-        self.last_token = torch.full((batch_size,), -1, device=device, dtype=torch.long)
-        self.num_tokens = torch.zeros(batch_size, device=device, dtype=torch.long)
-        self._record()
-
-    @property
-    def is_initialized(self):
-        return self.signal is not None
-
-    @property
-    def batch_size(self):
-        return self.signal.shape[0] if self.is_initialized else None
-
-    def get_seq_length(self, layer_idx=0):
-        return self.seen_positions
-
-    def _map(self, fn):
-        if self.is_initialized:
-            for name in self._TENSORS:
-                setattr(self, name, fn(getattr(self, name)))
-            self._past = []
-            self._record()
-
-    def reorder_cache(self, beam_idx):
-        """Select rows in place (beam search)."""
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices):
-        self._map(lambda t: t[indices])
-
-    def batch_repeat_interleave(self, repeats):
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def activate_past_recording(self):
-        """Keep the state after every position from now on, so that `crop` can roll positions back."""
-        self.record_past = True
-        self._past = []
-        self._record()
-
-    def _record(self):
-        if self.record_past and self.is_initialized:
-            self._past.append((self.seen_positions, *(getattr(self, name) for name in self._TENSORS)))
-
-    def crop(self, tokens_to_remove):
-        """Forget the last ``-tokens_to_remove`` positions (a negative int); ``crop(0)`` only frees the history."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of positions to remove; got {tokens_to_remove}.")
-        if tokens_to_remove < 0:
-            target = self.seen_positions + tokens_to_remove
-            states = [state for state in self._past if state[0] == target]
-            if not states:
-                raise ValueError(
-                    f"cannot roll back to position {target}: call activate_past_recording() before the positions "
-                    "to be removed are consumed."
-                )
-            self.seen_positions, *tensors = states[0]
-            for name, tensor in zip(self._TENSORS, tensors):
-                setattr(self, name, tensor)
-        if self.record_past:
-            self._past = []
-            self._record()
-
-    def __repr__(self):
-        return f"BriLLMCache(batch_size={self.batch_size}, seen_positions={self.seen_positions})"
-
-
-def _accumulate(cache, energy, logit):
-    """The running softmax after one more edge per text: ``exp(logit) * energy`` added to the cache's sums.
-
-    energy (B, d), logit (B,). Rescaled by the running maximum logit, so nothing overflows. Returns the new
-    numerator (B, d), denominator (B,) and maximum logit (B,); ``cache`` itself is left unchanged.
-    """
-    new_max = torch.where(cache.denominator > 0, torch.maximum(cache.max_logit, logit), logit).detach()
-    rescale = torch.exp((cache.max_logit - new_max).clamp(max=0))
-    weight = torch.exp(logit - new_max)
-    numerator = cache.numerator * rescale[:, None] + weight[:, None] * energy
-    return numerator, cache.denominator * rescale + weight, new_max
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring every target of many positions: one slab GEMM per source node
-
-
-@dataclass
-class _ScoringPlan:
-    """Positions grouped by source node, and where each of their scores goes.
-
-    The kernels lay scores out as (M + N,): the owned scores group by group, each group a (targets, positions)
-    block of its source's slab, then the shared-slot score of every position.
-    """
-
-    order: torch.Tensor | None  # (N,) positions sorted by source, the kernels' order; None: already in it
-    inverse: torch.Tensor | None  # (N,) where each position went in that order
-    groups: list  # [(lo, hi, first, count)] per distinct source: slab 1 + lo .. hi, sorted positions first ..
-    pair_index: torch.Tensor  # (M,) position * V + target of each owned score, in kernel order
-    num_pairs: int  # M
-
-
-def _single_source_plan(graph, source):
-    """The plan of one position leaving ``source`` (a host int): one slab, nothing to sort."""
-    lo, hi = graph.row(source)
-    return _ScoringPlan(None, None, [(lo, hi, 0, 1)], graph.targets()[lo:hi], hi - lo)
-
-
-def _plan_scoring(graph, sources):
-    """Group positions by their source node (N,): see `_ScoringPlan`.
-
-    Sorting happens where the sources are; the index of every owned score is computed on the host with NumPy,
-    where its dozen small operations cost a few microseconds each instead of tens.
-    """
-    if sources.numel() == 1:  # batch-1 generation
-        return _single_source_plan(graph, int(sources))
-    order = torch.argsort(sources, stable=True)
-    distinct, counts = torch.unique_consecutive(sources[order], return_counts=True)  # (G,)
-    row_ptr, col_idx = graph._host()
-    distinct, counts, sorted_positions = distinct.cpu().numpy(), counts.cpu().numpy(), order.cpu().numpy()
-    lo, hi = row_ptr[distinct], row_ptr[distinct + 1]
-    first = np.cumsum(counts) - counts
-    degree = hi - lo
-    num_edges, num_pairs = int(degree.sum()), int((degree * counts).sum())
-    # A group's block takes its slab's edges in turn, each with the group's sorted positions first .. + count.
-    edge = np.arange(num_edges) + np.repeat(lo - (np.cumsum(degree) - degree), degree)  # (E,) in block order
-    edge_first = np.repeat(first, degree)  # (E,) the group's first sorted position, per edge
-    if num_edges == num_pairs:  # one position per source (generation): each edge meets it once
-        position = sorted_positions[edge_first]
-    else:
-        edge_count = np.repeat(counts, degree)
-        pair_start = np.cumsum(edge_count) - edge_count
-        offset = np.repeat(edge_first - pair_start, edge_count)
-        position = sorted_positions[np.arange(num_pairs) + offset]
-        edge = np.repeat(edge, edge_count)
-    pair_index = torch.from_numpy(position * graph.vocab_size + col_idx[edge]).to(sources.device)
-    groups = list(zip(lo.tolist(), hi.tolist(), first.tolist(), counts.tolist()))
-    return _ScoringPlan(order, torch.argsort(order), groups, pair_index, num_pairs)
-
-
-def _compute_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _gelu(z, inplace=False):
-    """Exact GELU (``inplace``: overwriting z, when large). ``F.gelu`` hands every contiguous float32 CPU tensor to
-    oneDNN, whose per-call setup (~10 us) dwarfs the arithmetic of a few signals (generation, the recurrence):
-    those take the erf formula instead."""
-    if z.numel() > 4096 or z.device.type != "cpu":
-        return torch.ops.aten.gelu_(z) if inplace else F.gelu(z)
-    return torch.erf(z * 0.7071067811865476).add_(1.0).mul_(z).mul_(0.5)
-
-
-def _preactivations(signal, pe, weights, biases, plan):
-    """``z = x W + b + pe`` of the plan's owned pairs, then of the shared slot: (M + N, d) in kernel order.
-
-    signal and pe are (N, d) in plan order. Each source's slab is read once, as a view of ``weights``: one batched
-    GEMM of all that source's signals, written straight into its block of z.
-    """
-    N, d = signal.shape
-    compute = signal.dtype
-    z = signal.new_empty(plan.num_pairs + N, d)
-    start = 0
-    for lo, hi, first, count in plan.groups:
-        if hi == lo:
-            continue
-        rows, slab = slice(first, first + count), slice(1 + lo, 1 + hi)
-        block = z[start : start + (hi - lo) * count].view(hi - lo, count, d)
-        x = signal[rows].expand(hi - lo, count, d)
-        torch.baddbmm(biases[slab].to(compute), x, weights[slab].to(compute), out=block)
-        block += pe[rows]
-        start += (hi - lo) * count
-    shared = z[start:]
-    torch.addmm(biases[0].to(compute), signal, weights[0].to(compute), out=shared)
-    shared += pe
-    return z
-
-
-def _write(out, op, *args, **kwargs):
-    """``op(*args, **kwargs)`` written into ``out``, a gradient view that may hold a lower precision."""
-    if out.dtype == args[0].dtype:
-        op(*args, **kwargs, out=out)
-    else:
-        out.copy_(op(*args, **kwargs))
-
-
-class _SlotGradient:
-    """The gradient of ``weights`` or ``biases`` (P, ...) that one backward of `_EdgeScores` builds.
-
-    Dense: a full-size tensor, zero except the touched slots. Sparse: a coalesced COO tensor whose values hold only
-    slot 0 and the slabs of the plan's sources, in slot order. Either way each slab's gradient is written once,
-    into its own view, and `add_rows` lets the recurrence's true-edge gather add its few rows in place.
-    """
-
-    def __init__(self, param, plan, sparse):
-        self.shape, self.sparse = param.shape, sparse
-        if not sparse:
-            self.values = torch.zeros_like(param)
-            return
-        slabs = [(lo, hi) for lo, hi, _, _ in plan.groups if hi > lo]
-        slots = [torch.zeros(1, dtype=torch.long)] + [torch.arange(1 + lo, 1 + hi) for lo, hi in slabs]
-        self.slots = torch.cat(slots).to(param.device)  # (S,) sorted: groups come in source order
-        self.values = param.new_empty(self.slots.numel(), *param.shape[1:])
-        sizes = torch.tensor([1] + [hi - lo for lo, hi in slabs])
-        self.first_row = dict(zip((lo for lo, _ in slabs), (torch.cumsum(sizes, 0) - sizes)[1:].tolist()))
-
-    def slot_zero(self):
-        return self.values[0]
-
-    def slab(self, lo, hi):
-        first = self.first_row[lo] if self.sparse else 1 + lo
-        return self.values[first : first + hi - lo]
-
-    def add_rows(self, slots, grad):
-        """Add ``grad`` (n, ...) at ``slots`` (n,); False (nothing added) when a sparse gradient lacks a slot."""
-        if self.sparse:
-            found = torch.searchsorted(self.slots, slots).clamp(max=self.slots.numel() - 1)
-            if not bool((self.slots[found] == slots).all()):
-                return False
-            slots = found
-        self.values.index_add_(0, slots, grad.to(self.values.dtype))
-        return True
-
-    def tensor(self):
-        if not self.sparse:
-            return self.values
-        return torch.sparse_coo_tensor(
-            self.slots[None], self.values, self.shape, is_coalesced=True, check_invariants=False
-        )
-
-
-class _GradientLink:
-    """Lets the recurrence's gather of true-edge slots add into the scoring kernel's slot gradients in place.
-
-    Both read ``weights`` and ``biases``; left to autograd, their two gradients would be summed into a third
-    full-size (dense) or concatenated (sparse) tensor. The kernel's backward runs first (the recurrence feeds its
-    signals): it leaves its `_SlotGradient`s here, tagged with the running backward pass, and the gather's backward
-    in that same pass adds its rows into them and returns no gradient of its own. (Autograd hands a parameter its
-    gradient only after every branch that reads it has run, so the kernel's tensor is still in flight then.)
-    """
-
-    def __init__(self, sparse):
-        self.sparse = sparse
-        self.pending = {}  # "weights" / "biases" -> (backward pass id, _SlotGradient)
-
-    def leave(self, name, gradient):
-        self.pending[name] = (torch._C._current_graph_task_id(), gradient)
-
-    def take(self, name):
-        task, gradient = self.pending.pop(name, (None, None))
-        return gradient if task == torch._C._current_graph_task_id() else None
-
-
-class _EdgeScores(torch.autograd.Function):
-    """Scores ``||GELU(x W + b + pe)||`` of the plan's owned pairs and of the shared slot: (M + N,).
-
-    Forward keeps the pre-activations z (M + N, d). Backward recomputes GELU from z, reads each slab once more for
-    the signal gradient, and writes each slab's gradient into its own view of one `_SlotGradient` (dense, or
-    sparse when ``sparse``), never a full-size gradient per slab. ``link`` (optional) is the `_GradientLink`
-    shared with the recurrence that produced the signals.
-    """
-
-    @staticmethod
-    def forward(ctx, signal, pe, weights, biases, plan, sparse, link):
-        z = _preactivations(signal, pe, weights, biases, plan)
-        scores = torch.linalg.vector_norm(_gelu(z), dim=-1)
-        ctx.save_for_backward(signal, z, scores, weights, biases)
-        ctx.plan, ctx.sparse, ctx.link = plan, sparse, link
-        return scores
-
-    @staticmethod
-    def backward(ctx, grad_scores):
-        signal, z, scores, weights, biases = ctx.saved_tensors
-        plan = ctx.plan
-        need_x, _, need_w, need_b, _, _, _ = ctx.needs_input_grad
-        d, compute = signal.shape[1], signal.dtype
-        y = _gelu(z)
-        grad_y = y.mul_((grad_scores / scores.clamp_min(torch.finfo(compute).tiny))[:, None])
-        grad_z = torch.ops.aten.gelu_backward.grad_input(grad_y, z, grad_input=grad_y)  # (M + N, d), in y's memory
-        grad_x = torch.zeros_like(signal) if need_x else None
-        grad_w = _SlotGradient(weights, plan, ctx.sparse) if need_w else None
-        grad_b = _SlotGradient(biases, plan, ctx.sparse) if need_b else None
-        start = 0
-        for lo, hi, first, count in plan.groups:
-            if hi == lo:
-                continue
-            rows, m = slice(first, first + count), hi - lo
-            block = grad_z[start : start + m * count].view(m, count, d)
-            if need_x:
-                grad_x[rows] += torch.matmul(block, weights[1 + lo : 1 + hi].to(compute).transpose(1, 2)).sum(0)
-            if need_w:
-                _write(grad_w.slab(lo, hi), torch.matmul, signal[rows].t(), block)  # (m, d, d)
-            if need_b:
-                _write(grad_b.slab(lo, hi), torch.sum, block, 1, keepdim=True)  # (m, 1, d)
-            start += m * count
-        shared = grad_z[start:]  # (N, d)
-        if need_x:
-            grad_x.addmm_(shared, weights[0].to(compute).t())
-        if need_w:
-            _write(grad_w.slot_zero(), torch.matmul, signal.t(), shared)
-        if need_b:
-            _write(grad_b.slot_zero(), torch.sum, shared, 0, keepdim=True)
-        if ctx.link is not None:
-            for name, gradient in (("weights", grad_w), ("biases", grad_b)):
-                if gradient is not None:
-                    ctx.link.leave(name, gradient)
-        return (
-            grad_x,
-            None,
-            grad_w.tensor() if need_w else None,
-            grad_b.tensor() if need_b else None,
-            None,
-            None,
-            None,
-        )
-
-
-class _GatherSlots(torch.autograd.Function):
-    """``param[slots]``: the recurrence's true-edge matrices or biases (n, ...).
-
-    Backward adds its rows into the scoring kernel's gradient of the same pass when there is one (see
-    `_GradientLink`), so ``param`` receives a single gradient; otherwise it returns its own, sparse or dense.
-    """
-
-    @staticmethod
-    def forward(ctx, param, slots, link, name):
-        ctx.save_for_backward(slots)
-        ctx.link, ctx.name, ctx.shape = link, name, param.shape
-        return param.index_select(0, slots)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (slots,) = ctx.saved_tensors
-        kernel = ctx.link.take(ctx.name)
-        if kernel is not None and kernel.add_rows(slots, grad):
-            return None, None, None, None
-        if ctx.link.sparse:
-            return torch.sparse_coo_tensor(slots[None], grad, ctx.shape, check_invariants=False), None, None, None
-        return grad.new_zeros(ctx.shape).index_add_(0, slots, grad), None, None, None
-
-
-def _gather_slots(param, slots, link, name):
-    """``param[slots]`` (n, ...); through `_GatherSlots` when a backward will want its gradient."""
-    if link is None:
-        return param.index_select(0, slots)
-    return _GatherSlots.apply(param, slots, link, name)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Optional: the same no-grad scoring as one fused GPU kernel (Triton), used only on CUDA when triton is installed
-
-try:  # remote code must import without triton, so it stays optional
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def _scores_kernel(
-        signal, pe, weights, biases, out, slots, firsts, counts, starts, D: tl.constexpr, BLOCK: tl.constexpr
-    ):
-        # One program per slab row (one edge matrix, read once): the scores of every position of its group.
-        r = tl.program_id(0)
-        slot = tl.load(slots + r).to(tl.int64)
-        first, count, start = tl.load(firsts + r), tl.load(counts + r), tl.load(starts + r)
-        i = tl.arange(0, BLOCK)
-        inside = i < D
-        square = inside[:, None] & inside[None, :]
-        w = tl.load(weights + slot * D * D + i[:, None] * D + i[None, :], mask=square, other=0.0)  # (D, D)
-        b = tl.load(biases + slot * D + i, mask=inside, other=0.0).to(tl.float32)
-        j = 0
-        while j < count:  # (not `range`: the interpreter, TRITON_INTERPRET=1, needs a static bound there)
-            x = tl.load(signal + (first + j) * D + i, mask=inside, other=0.0)
-            z = tl.sum(x[:, None] * w.to(tl.float32), axis=0) + b
-            z += tl.load(pe + (first + j) * D + i, mask=inside, other=0.0)
-            y = tl.where(inside, 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), 0.0)
-            tl.store(out + start + j, tl.sqrt(tl.sum(y * y, axis=0)))
-            j += 1
-
-
-class _TritonScores:
-    """The scores (M + N,) of a plan by `_scores_kernel`, for no-grad float32 scoring on CUDA with triton installed.
-
-    PyTorch (`_preactivations`) computes the same everywhere else; ``triton_scores.enabled = False`` turns it off.
-    """
-
-    enabled = True
-
-    def available(self):
-        return triton is not None and torch.cuda.is_available()
-
-    def usable(self, signal):
-        return self.enabled and signal.is_cuda and signal.dtype == torch.float32 and self.available()
-
-    def __call__(self, signal, pe, weights, biases, plan):
-        N, d = signal.shape
-        device = signal.device
-        lo, hi, first, count = torch.tensor(plan.groups, device=device).view(-1, 4).unbind(1)  # (G,) each
-        rows = hi - lo  # slab rows per group
-        start = torch.cumsum(rows * count, 0) - rows * count  # first score of each group
-        group = torch.repeat_interleave(torch.arange(rows.numel(), device=device), rows)  # (R,) group of each row
-        k = torch.arange(group.numel(), device=device) - (torch.cumsum(rows, 0) - rows)[group]
-        table = torch.stack([1 + lo[group] + k, first[group], count[group], start[group] + k * count[group]])
-        shared = torch.tensor([[0], [0], [N], [plan.num_pairs]], device=device)  # slot 0, for every position
-        slots, firsts, counts, starts = torch.cat([table, shared], 1).int()  # (R + 1,) each
-        out = signal.new_empty(plan.num_pairs + N)
-        block = triton.next_power_of_2(d)
-        args = (signal.contiguous(), pe.contiguous(), weights.contiguous(), biases.contiguous(), out)
-        _scores_kernel[(slots.numel(),)](*args, slots, firsts, counts, starts, D=d, BLOCK=block)
-        return out
-
-
-triton_scores = _TritonScores()
-
+from .graph_brillm import BriLLMEdgeGraph
+from .scoring_brillm import GradientLink, gather_slots, next_token_logits, plan_scoring, score, single_source_plan
+from .signal_brillm import (
+    BriLLMCache,
+    EdgeInputs,
+    accumulate,
+    accumulate_one,
+    compute_dtype,
+    edge_energy,
+    flow,
+    gelu,
+    sinusoidal_positions,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
@@ -684,6 +53,7 @@ class BriLLMModelOutput(ModelOutput):
             token's out-edge), -1 at padding.
         cache: the `BriLLMCache` after this chunk, when ``use_cache``.
         hidden_states: ``(last_hidden_state,)`` when ``output_hidden_states``.
+        logits: (B, T', V) next-token scores of the last T' tokens, when ``logits_to_keep`` is given.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -691,6 +61,7 @@ class BriLLMModelOutput(ModelOutput):
     signal_positions: torch.Tensor | None = None
     cache: BriLLMCache | None = None
     hidden_states: tuple | None = None
+    logits: torch.Tensor | None = None
 
 
 class BriLLMPreTrainedModel(PreTrainedModel):
@@ -750,17 +121,7 @@ class BriLLMPreTrainedModel(PreTrainedModel):
             "AutoModel": "modeling_brillm.BriLLMModel",
             "AutoModelForCausalLM": "modeling_brillm.BriLLMForCausalLM",
         }
-        saved = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            write_model_card(save_directory, self.config, overwrite=False)  # a default card; callers may add more
-        return saved
-
-    def push_to_hub(self, repo_id, *, max_shard_size="50GB", tags=(), **hub_kwargs):
-        """Upload weights, code and model card in one commit (`hub_brillm.push_folder` takes ``hub_kwargs``)."""
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, max_shard_size=max_shard_size)
-            write_model_card(folder, self.config, repo_id=repo_id, tags=list(tags or ()))
-            return push_folder(folder, repo_id, **hub_kwargs)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class BriLLMModel(BriLLMPreTrainedModel):
@@ -772,7 +133,9 @@ class BriLLMModel(BriLLMPreTrainedModel):
     logits of the softmax that weights earlier edge energies. The slot map is ``graph`` (`BriLLMEdgeGraph`).
 
     ``forward`` returns the signal leaving each token (``last_hidden_state``) and the energies of the path
-    travelled; `BriLLMForCausalLM` turns signals into next-token scores with `score_next`.
+    travelled; with ``logits_to_keep`` it also scores the next token (what `BriLLMForCausalLM` asks: every read of
+    the parameters happens inside this forward, as sharding wrappers such as FSDP require). `score_next` scores
+    given signals.
 
     Example:
 
@@ -784,6 +147,8 @@ class BriLLMModel(BriLLMPreTrainedModel):
     >>> out.last_hidden_state.shape, out.signal_positions.tolist()
     (torch.Size([1, 3, 4]), [[0, 1, 2]])
     >>> model.score_next(torch.tensor([[3]]), out.last_hidden_state[:, -1:], out.signal_positions[:, -1:]).shape
+    torch.Size([1, 1, 16])
+    >>> model(torch.tensor([[1, 2, 3]]), logits_to_keep=1).logits.shape  # the token after 1 2 3
     torch.Size([1, 1, 16])
 
     ```
@@ -809,30 +174,66 @@ class BriLLMModel(BriLLMPreTrainedModel):
         use_cache=None,
         output_hidden_states=None,
         return_dict=None,
+        logits_to_keep=None,
         **kwargs,
     ):
+        r"""
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Also score the next token of the last ``logits_to_keep`` positions (0: all), or of the given column
+            indices; the scores are ``logits`` of the output. Without it nothing is scored.
+        """
         self.graph.check()
         cache = _pick_cache(past_key_values, cache)
-        input_ids, mask = self._check_inputs(input_ids, attention_mask, cache)
+        if logits_to_keep is not None and not output_hidden_states and not torch.is_grad_enabled():
+            logits = self._decode_step(input_ids, attention_mask, cache)
+            if logits is not None:  # generation's lean path, same numbers
+                return BriLLMModelOutput(logits=logits[:, None].float(), cache=None if use_cache is False else cache)
+        mask = self._check_inputs(input_ids, attention_mask, cache)
         if use_cache is None:
             use_cache = not self.training
         if cache is None:
             cache = BriLLMCache()
         if not cache.is_initialized:
-            compute = _compute_dtype(self.weights.dtype)
-            cache.initialize(input_ids.shape[0], self.config.hidden_size, input_ids.device, compute)
-        signals, energies, positions, link = self._flow(input_ids, mask, cache)
-        output = BriLLMModelOutput(
+            dtype = compute_dtype(self.weights.dtype)
+            cache.initialize(input_ids.shape[0], self.config.hidden_size, input_ids.device, dtype)
+        link = None  # the arriving-edge gather's gradient: sparse when asked, shared with the scoring's
+        if torch.is_grad_enabled() and (self.weights.requires_grad or self.biases.requires_grad):
+            link = GradientLink(self.sparse_gradients)
+        edges = self._edge_inputs(input_ids, mask, cache, link)
+        signals, energies = flow(cache, edges)
+        signal_positions = torch.where(mask, edges.tokens_before, torch.full_like(edges.tokens_before, -1))
+        logits = None
+        if logits_to_keep is not None:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self._logits(input_ids[:, keep], signals[:, keep], signal_positions[:, keep], link)
+        return BriLLMModelOutput(
             last_hidden_state=signals,
             energies=energies,
-            signal_positions=positions,
+            signal_positions=signal_positions,
             cache=cache if use_cache else None,
             hidden_states=(signals,) if output_hidden_states else None,
+            logits=logits,
         )
-        output.gradient_link = link  # an attribute, not an output field: internal to BriLLMForCausalLM
-        return output
+
+    def score_next(self, sources, signals, signal_positions):
+        """Full-vocabulary next-token logits: (B, T, V) from sources (B, T), signals (B, T, d), edge indices (B, T).
+
+        ``logits[b, t, v] = ||GELU(x W[slot(u, v)] + b[slot(u, v)] + PE[i + position_shift])||`` with
+        ``u = sources[b, t]``, ``x = signals[b, t]``, ``i = signal_positions[b, t]``. Every shared target of
+        ``u`` takes the one shared-slot score; owned targets are scored one source slab at a time. Positions
+        with ``signal_positions < 0`` (padding) get all-zero logits.
+        """
+        self.graph.check()
+        return self._logits(sources, signals, signal_positions)
+
+    def _logits(self, sources, signals, signal_positions, link=None):
+        return next_token_logits(
+            self.graph, self.weights, self.biases, sources, signals, signal_positions,
+            self.config.position_shift, self.sparse_gradients, link,
+        )  # fmt: skip
 
     def _check_inputs(self, input_ids, attention_mask, cache):
+        """The chunk's mask (B, T) bool, after checking ids, mask and cache; `ValueError` on bad input."""
         if input_ids is None:
             raise ValueError("BriLLM needs input_ids (B, T) of token ids; inputs_embeds are not supported.")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
@@ -854,7 +255,7 @@ class BriLLMModel(BriLLMPreTrainedModel):
         if cache is not None and cache.is_initialized and cache.batch_size != B:
             raise ValueError(f"the cache holds {cache.batch_size} texts but input_ids has batch size {B}.")
         if attention_mask is None:
-            return input_ids, torch.ones_like(input_ids, dtype=torch.bool)
+            return torch.ones_like(input_ids, dtype=torch.bool)
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             raise ValueError("attention_mask must be a (batch, length) tensor of 0/1.")
         if attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
@@ -866,106 +267,43 @@ class BriLLMModel(BriLLMPreTrainedModel):
         mask = attention_mask[:, -T:]
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token).")
-        return input_ids, mask.bool()
+        return mask.bool()
 
-    def _flow(self, input_ids, mask, cache):
-        """Advance ``cache`` over a chunk, left to right; padded positions leave the state unchanged.
-
-        Returns signals (B, T, d), energies (B, T, d), the index of each token's out-edge (B, T), and the
-        `_GradientLink` of the true-edge gather (None without autograd), for `score_next`.
-        """
+    def _edge_inputs(self, input_ids, mask, cache, link):
+        """The `EdgeInputs` of a chunk: for every token, the edge that arrives at it from the previous real token
+        of its text (in the chunk or the cache), gathered in one go (per-step indexing of a Parameter would cost a
+        full-size gradient per step)."""
         B, T = input_ids.shape
-        d, V = self.config.hidden_size, self.config.vocab_size
-        compute = cache.signal.dtype
-        device = input_ids.device
+        d, V, shift = self.config.hidden_size, self.config.vocab_size, self.config.position_shift
+        compute, device = cache.signal.dtype, input_ids.device
         steps = mask.long()
         tokens_before = cache.num_tokens[:, None] + torch.cumsum(steps, 1) - steps  # (B, T)
-        # Previous real token of each position (the source of the edge that arrives there).
         column = torch.arange(T, device=device).expand(B, T)
         last_real = torch.cummax(torch.where(mask, column, torch.full_like(column, -1)), dim=1).values
         prev_column = torch.cat([torch.full_like(last_real[:, :1], -1), last_real[:, :-1]], dim=1)
         prev_token = torch.where(
             prev_column >= 0, input_ids.gather(1, prev_column.clamp(min=0)), cache.last_token[:, None]
         )
-        arriving_edge = (tokens_before - 1).clamp(min=0)  # index of the edge that arrives at each position
-        # One gather for all arriving edges (per-step indexing of a Parameter would cost a full-size grad each).
+        arriving_edge = (tokens_before - 1).clamp(min=0)  # (B, T) index of the edge that arrives at each token
         slots = self.graph.slots(prev_token.clamp(min=0), input_ids).reshape(-1)
-        link = None
-        if torch.is_grad_enabled() and (self.weights.requires_grad or self.biases.requires_grad):
-            link = _GradientLink(self.sparse_gradients)
-        edge_w = _gather_slots(self.weights, slots, link, "weights").view(B, T, d, d).to(compute)
-        edge_b = _gather_slots(self.biases, slots, link, "biases").view(B, T, d).to(compute)
-        last_pe = int(arriving_edge.max()) + max(self.config.position_shift, 1) + 1
-        pe_table = sinusoidal_positions(last_pe, d, device).to(compute)
-        edge_pe = pe_table[arriving_edge + self.config.position_shift]  # (B, T, d)
+        pe_table = sinusoidal_positions(int(arriving_edge.max()) + max(shift, 1) + 1, d, device).to(compute)
         max_learned = self.config.max_position_embeddings - 1
-        edge_logit = self.positions.view(-1)[arriving_edge.clamp(max=max_learned)].to(compute)  # (B, T)
-        start = _gelu(1.0 / d + self.node_bias.view(V, d)[input_ids].to(compute) + pe_table[0])  # (B, T, d)
-
-        if cache.seen_positions == 0 and not cache.record_past and bool(mask.all()):
-            signals, energies = self._flow_unpadded(input_ids, cache, start, edge_w, edge_b, edge_pe, edge_logit)
-            return torch.stack(signals, 1), torch.stack(energies, 1), tokens_before, link
-        signals, energies = [], []
-        for t in range(T):
-            present = mask[:, t]
-            is_first = present & (tokens_before[:, t] == 0)
-            is_edge = present & (tokens_before[:, t] > 0)
-            energy = _gelu(
-                torch.bmm(cache.signal.unsqueeze(1), edge_w[:, t]).squeeze(1) + edge_b[:, t] + edge_pe[:, t]
-            )  # (B, d)
-            numerator, denominator, new_max = _accumulate(cache, energy, edge_logit[:, t])
-            edge_rows, first_rows = is_edge[:, None], is_first[:, None]
-            cache.signal = torch.where(
-                edge_rows, numerator / denominator[:, None], torch.where(first_rows, start[:, t], cache.signal)
-            )
-            cache.numerator = torch.where(edge_rows, numerator, cache.numerator)
-            cache.denominator = torch.where(is_edge, denominator, cache.denominator)
-            cache.max_logit = torch.where(is_edge, new_max, cache.max_logit)
-            cache.last_token = torch.where(present, input_ids[:, t], cache.last_token)
-            cache.num_tokens = cache.num_tokens + steps[:, t]
-            cache.seen_positions += 1
-            cache._record()
-            signals.append(cache.signal)
-            energies.append(
-                torch.where(edge_rows, energy, torch.where(first_rows, start[:, t], torch.zeros_like(energy)))
-            )
-        signal_positions = torch.where(mask, tokens_before, torch.full_like(tokens_before, -1))
-        return torch.stack(signals, 1), torch.stack(energies, 1), signal_positions, link
-
-    def _flow_unpadded(self, input_ids, cache, start, edge_w, edge_b, edge_pe, edge_logit):
-        """`_flow`'s loop for its most common chunk, whole texts without padding from a fresh cache (training,
-        evaluation): every text is at the same position, so the running softmax's rescale factors and weights are
-        the same for all and are computed for all steps at once (`_accumulate`'s arithmetic, the same bits).
-        Returns the lists of signals and energies."""
-        signal = cache.signal = start[:, 0]
-        signals, energies = [signal], [signal]
-        T = input_ids.shape[1]
-        if T > 1:
-            logit = edge_logit[0, 1:]  # (T - 1,) the positional logit of each edge
-            running_max = torch.cummax(logit.detach(), 0).values
-            before = torch.cat([cache.max_logit[:1], running_max[:-1]])
-            rescales = torch.exp((before - running_max).clamp(max=0)).unbind(0)
-            weights = torch.exp(logit - running_max).unbind(0)
-            numerator, denominator = cache.numerator, cache.denominator
-            for t in range(1, T):
-                energy = _gelu(torch.bmm(signal.unsqueeze(1), edge_w[:, t]).squeeze(1) + edge_b[:, t] + edge_pe[:, t])
-                numerator = numerator * rescales[t - 1] + weights[t - 1] * energy
-                denominator = denominator * rescales[t - 1] + weights[t - 1]
-                signal = numerator / denominator[:, None]
-                signals.append(signal)
-                energies.append(energy)
-            cache.signal, cache.numerator, cache.denominator = signal, numerator, denominator
-            cache.max_logit = running_max[-1].expand_as(cache.max_logit).clone()
-        cache.last_token = input_ids[:, -1]
-        cache.num_tokens = cache.num_tokens + T
-        cache.seen_positions += T
-        return signals, energies
+        return EdgeInputs(
+            tokens=input_ids,
+            mask=mask,
+            tokens_before=tokens_before,
+            start=gelu(1.0 / d + self.node_bias.view(V, d)[input_ids].to(compute) + pe_table[0]),
+            weights=gather_slots(self.weights, slots, link, "weights").view(B, T, d, d).to(compute),
+            biases=gather_slots(self.biases, slots, link, "biases").view(B, T, d).to(compute),
+            pe=pe_table[arriving_edge + shift],
+            logits=self.positions.view(-1)[arriving_edge.clamp(max=max_learned)].to(compute),
+        )
 
     def _decode_step(self, input_ids, attention_mask, cache):
         """Advance ``cache`` by one token per text and score the next one: logits (B, V), no autograd.
 
-        Generation's lean path, equal to `forward` + `score_next` on a (B, 1) chunk whose texts all hold a token
-        already: one gather of the arriving edges, one running-softmax update, one scoring plan. Returns None,
+        Generation's lean path, equal to `forward` with ``logits_to_keep`` on a (B, 1) chunk whose texts all hold a
+        token already: one gather of the arriving edges, one running-softmax update, one scoring plan. Returns None,
         having touched nothing, for any other chunk (padding, a text's first token, bad input), which the general
         path then takes (and explains, if bad).
         """
@@ -983,18 +321,19 @@ class BriLLMModel(BriLLMPreTrainedModel):
         edge = cache.num_tokens - 1  # (B,) index of the edge arriving at token
         pe = sinusoidal_positions(int(cache.num_tokens.max()) + shift + 1, d, token.device).to(compute)
         slots = self.graph.slots(cache.last_token, token)
-        energy = _gelu(
-            torch.bmm(cache.signal[:, None], self.weights[slots].to(compute))[:, 0]
-            + self.biases[slots, 0].to(compute)
-            + pe[edge + shift]
-        )  # (B, d)
+        weights, biases = self.weights[slots].to(compute), self.biases[slots, 0].to(compute)
+        energy = edge_energy(cache.signal, weights, biases, pe[edge + shift])  # (B, d)
         logit = self.positions.view(-1)[edge.clamp(max=self.config.max_position_embeddings - 1)].to(compute)
-        cache.numerator, cache.denominator, cache.max_logit = _accumulate(cache, energy, logit)
-        cache.signal = cache.numerator / cache.denominator[:, None]
-        cache.last_token, cache.num_tokens = token, cache.num_tokens + 1
-        cache.seen_positions += 1
-        cache._record()
-        return self._score(token, cache.signal, pe[edge + 1 + shift])
+        numerator, denominator, max_logit = accumulate(cache.numerator, cache.denominator, cache.max_logit, energy, logit)
+        cache.advance(
+            signal=numerator / denominator[:, None],
+            numerator=numerator,
+            denominator=denominator,
+            max_logit=max_logit,
+            last_token=token,
+            num_tokens=cache.num_tokens + 1,
+        )
+        return score(self.graph, self.weights, self.biases, plan_scoring(self.graph, token), cache.signal, pe[edge + 1 + shift])
 
     def _decodable(self, input_ids, attention_mask, cache):
         """Whether the chunk has the shape `_decode_step` takes: one unmasked token per text of a running cache.
@@ -1012,15 +351,14 @@ class BriLLMModel(BriLLMPreTrainedModel):
             newest = attention_mask[:, -1]
             if not (int(newest) == 1 if B == 1 else bool((newest == 1).all())):
                 return False
-        self.graph.check()
         return True
 
     def _decode_one(self, token, cache):
         """`_decode_step` for one text on the CPU, its scalars on the host; None for what it does not take.
 
-        The arithmetic of `_flow` and `_score_planned` in the fewest tensor operations (about 30): in generation
-        each costs several microseconds, as much as the slab read of a small node. Weights in another precision
-        than the cache's go the general way.
+        In generation each tensor operation costs several microseconds, as much as the slab read of a small node:
+        the running softmax's scalars are Python floats (`accumulate_one`) and the slot is a host look-up. Weights
+        in another precision than the cache's go the general way.
         """
         config, graph, weights, biases = self.config, self.graph, self.weights, self.biases
         V, d, shift = config.vocab_size, config.hidden_size, config.position_shift
@@ -1029,73 +367,23 @@ class BriLLMModel(BriLLMPreTrainedModel):
         if not (0 <= target < V and before > 0) or weights.dtype != signal.dtype:
             return None
         pe = sinusoidal_positions(before + shift + 1, d, token.device).to(signal.dtype)
-        # The arriving edge's energy joins the running softmax (its scalars in Python, double precision).
         slot = graph.slot(source, target)
-        energy = torch.addmm(biases[slot], signal, weights[slot]).add_(pe[before - 1 + shift])
+        energy = edge_energy(signal, weights[slot : slot + 1], biases[slot], pe[before - 1 + shift : before + shift])
         logit = float(self.positions.view(-1)[min(before - 1, config.max_position_embeddings - 1)])
-        old_max, old_sum = float(cache.max_logit), float(cache.denominator)
-        new_max = max(old_max, logit) if old_sum > 0 else logit
-        rescale, weight = math.exp(min(old_max - new_max, 0.0)), math.exp(logit - new_max)
-        scalars = torch.tensor([old_sum * rescale + weight, new_max], dtype=signal.dtype)
-        cache.numerator = torch.add(cache.numerator * rescale, _gelu(energy, inplace=True), alpha=weight)
-        cache.denominator, cache.max_logit = scalars[:1], scalars[1:]
-        cache.signal = signal = cache.numerator / scalars[0]
-        cache.last_token, cache.num_tokens = token, cache.num_tokens + 1
-        cache.seen_positions += 1
-        cache._record()
-        # The next token's scores: its slab and the shared slot, in one (n + 1, d) block.
-        lo, hi = graph.row(target)
-        n = hi - lo
-        z = signal.new_empty(n + 1, d)
-        slab = slice(1 + lo, 1 + hi)
-        torch.baddbmm(biases[slab], signal.expand(n, 1, d), weights[slab], out=z[:n].view(n, 1, d))
-        torch.addmm(biases[0], signal, weights[0], out=z[n:])
-        scores = torch.linalg.vector_norm(_gelu(z.add_(pe[before + shift]), inplace=True), dim=-1)  # (n + 1,)
-        logits = scores[n:].expand(V).clone()
-        return logits.index_put_((graph.targets()[lo:hi],), scores[:n]).view(1, V)
-
-    def _score(self, sources, signals, pe, gradient_link=None):
-        """Full-vocabulary logits (N, V) of N positions: sources (N,), signals and their PE rows (N, d)."""
-        return self._score_planned(_plan_scoring(self.graph, sources), signals, pe, gradient_link)
-
-    def _score_planned(self, plan, signals, pe, gradient_link=None):
-        V = self.config.vocab_size
-        if plan.order is not None:
-            signals, pe = signals[plan.order], pe[plan.order]
-        weights, biases = self.weights, self.biases
-        if torch.is_grad_enabled() and (signals.requires_grad or weights.requires_grad or biases.requires_grad):
-            scores = _EdgeScores.apply(signals, pe, weights, biases, plan, self.sparse_gradients, gradient_link)
-        elif triton_scores.usable(signals):
-            scores = triton_scores(signals, pe, weights, biases, plan)
-        else:  # nothing to keep: GELU in place
-            z = _preactivations(signals, pe, weights, biases, plan)
-            scores = torch.linalg.vector_norm(_gelu(z, inplace=True), dim=-1)
-        shared = scores[plan.num_pairs :]  # (N,)
-        if plan.order is not None:
-            shared = shared[plan.inverse]  # back in position order
-        logits = shared[:, None].expand(-1, V).contiguous().view(-1)  # (N * V,)
-        return logits.index_put_((plan.pair_index,), scores[: plan.num_pairs]).view(-1, V)
-
-    def score_next(self, sources, signals, signal_positions, gradient_link=None):
-        """Full-vocabulary next-token logits: (B, T, V) from sources (B, T), signals (B, T, d), edge indices (B, T).
-
-        ``logits[b, t, v] = ||GELU(x W[slot(u, v)] + b[slot(u, v)] + PE[i + position_shift])||`` with
-        ``u = sources[b, t]``, ``x = signals[b, t]``, ``i = signal_positions[b, t]``. Every shared target of
-        ``u`` takes the one shared-slot score; owned targets are scored one source slab at a time. Positions
-        with ``signal_positions < 0`` (padding) get all-zero logits. ``gradient_link`` is internal: the
-        `_GradientLink` of the forward that produced ``signals``, so that ``weights`` gets one gradient.
-        """
-        B, T = sources.shape
-        V, d = self.config.vocab_size, self.config.hidden_size
-        index = (signal_positions >= 0).reshape(-1).nonzero().squeeze(1)  # unpadded positions (N,)
-        if index.numel() == 0:
-            return signals.new_zeros(B, T, V, dtype=torch.float32)
-        positions = signal_positions.reshape(-1)[index] + self.config.position_shift
-        pe = sinusoidal_positions(int(positions.max()) + 1, d, signals.device).to(signals.dtype)[positions]
-        logits = self._score(sources.reshape(-1)[index], signals.reshape(-1, d)[index], pe, gradient_link)
-        if index.numel() < B * T:  # padding scores nothing
-            logits = logits.new_zeros(B * T, V).index_copy(0, index, logits)
-        return logits.view(B, T, V).float()
+        numerator, denominator, max_logit = accumulate_one(
+            cache.numerator, float(cache.denominator), float(cache.max_logit), energy, logit
+        )
+        scalars = torch.tensor([denominator, max_logit], dtype=signal.dtype)
+        cache.advance(
+            signal=numerator / scalars[0],
+            numerator=numerator,
+            denominator=scalars[:1],
+            max_logit=scalars[1:],
+            last_token=token.view(1),
+            num_tokens=cache.num_tokens + 1,
+        )
+        plan = single_source_plan(graph, target)
+        return score(graph, weights, biases, plan, cache.signal, pe[before + shift : before + shift + 1])
 
 
 class _SuppressSelfLoop(LogitsProcessor):
@@ -1166,12 +454,8 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
         return_dict=None,
         **kwargs,
     ):
-        state = _pick_cache(past_key_values, cache)
-        lean = labels is None and not output_hidden_states and not torch.is_grad_enabled()
-        logits = self.model._decode_step(input_ids, attention_mask, state) if lean else None
-        if logits is not None:  # generation's lean path, same numbers
-            state = None if use_cache is False else state
-            return CausalLMOutputWithPast(logits=logits[:, None].float(), past_key_values=state)
+        if labels is not None:
+            self._check_labels(labels, input_ids)
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -1179,28 +463,25 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-        )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.model.score_next(
-            input_ids[:, keep],
-            outputs.last_hidden_state[:, keep],
-            outputs.signal_positions[:, keep],
-            getattr(outputs, "gradient_link", None),  # absent when a hook rebuilt the output: only slower
+            logits_to_keep=logits_to_keep,
         )
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}.")
-            bad = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"labels contains {int(labels[bad][0])}: use token ids in [0, {self.config.vocab_size}) "
-                    "or -100 for positions to ignore."
-                )
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=outputs.logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss, logits=outputs.logits, past_key_values=outputs.cache, hidden_states=outputs.hidden_states
         )
+
+    def _check_labels(self, labels, input_ids):
+        if not isinstance(input_ids, torch.Tensor) or labels.shape != input_ids.shape:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else None
+            raise ValueError(f"labels must have the shape of input_ids {shape}; got {tuple(labels.shape)}.")
+        bad = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
+        if bool(bad.any()):
+            raise ValueError(
+                f"labels contains {int(labels[bad][0])}: use token ids in [0, {self.config.vocab_size}) "
+                "or -100 for positions to ignore."
+            )
 
     def sampled_loss(self, input_ids, candidate_ids, attention_mask=None):
         """The reference training objective: cross-entropy over a few candidates per edge, the true one first.
@@ -1323,12 +604,4 @@ def _check_checkpoint_fits_config(model, load_config, loading_info):
 BriLLMModel.register_for_auto_class("AutoModel")
 BriLLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = [
-    "BriLLMCache",
-    "BriLLMEdgeGraph",
-    "BriLLMForCausalLM",
-    "BriLLMModel",
-    "BriLLMPreTrainedModel",
-    "dense_graph",
-    "sinusoidal_positions",
-]
+__all__ = ["BriLLMForCausalLM", "BriLLMModel", "BriLLMModelOutput", "BriLLMPreTrainedModel"]

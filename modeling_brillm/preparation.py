@@ -43,6 +43,7 @@ import torch
 from .configuration_brillm import BriLLMConfig
 from .data import PACKING_MODES, CorpusError, corpus_files, iter_lines, load_text, tokenize_and_pack, write_corpus_split
 from .graph_building import BigramCounter, build_graph, graph_statistics
+from .hub_brillm import write_model_card
 from .modeling_brillm import BriLLMForCausalLM
 from .tokenization_brillm import save_tokenizer, train_bpe_tokenizer, train_character_tokenizer
 
@@ -155,6 +156,7 @@ def prepare_corpus(
     )
     model = model_from_graph(config, graph, seed=seed)
     model.save_pretrained(output_dir / "model")
+    write_model_card(output_dir / "model", config, made_from="Initialised (untrained) by `brillm prepare`.")
     say(f"model: {model.num_parameters():,} parameters -> {output_dir / 'model'}")
     lap("model")
 

@@ -234,7 +234,7 @@ REMOTE_SCRIPT = textwrap.dedent(
             "logits": logits,
             "generated": generated,
             "base_keys": list(base_out.keys()),
-            "base_has_logits": hasattr(base_out, "logits"),
+            "base_logits": base_out.logits,
             "last_hidden_state": base_out.last_hidden_state,
             "bad_error": bad_error,
             "package_modules": sorted(name for name in sys.modules if name.split(".")[0] == "modeling_brillm"),
@@ -296,9 +296,9 @@ def test_remote_code_without_the_package(converted_fixture, fixture_inputs, tmp_
     assert remote["generated"].shape == (2, 13)
     assert torch.equal(remote["generated"], expected)
 
-    # AutoModel gives the base model: signals, no logits.
+    # AutoModel gives the base model: signals, no logits unless asked for (`logits_to_keep`).
     assert "last_hidden_state" in remote["base_keys"]
-    assert "logits" not in remote["base_keys"] and not remote["base_has_logits"]
+    assert "logits" not in remote["base_keys"] and remote["base_logits"] is None
     base = BriLLMModel.from_pretrained(converted_fixture)
     with torch.no_grad():
         expected_signals = base(fixture_inputs).last_hidden_state

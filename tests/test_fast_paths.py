@@ -7,7 +7,9 @@ from test_numerics import PARAMS, make_model, max_error, oracle_for, oracle_para
 from transformers import GenerationMixin
 
 from modeling_brillm import BriLLMCache, BriLLMForCausalLM
-from modeling_brillm.modeling_brillm import BriLLMModel, _GatherSlots, triton_scores
+from modeling_brillm import signal_brillm
+from modeling_brillm.modeling_brillm import BriLLMModel
+from modeling_brillm.scoring_brillm import GatherSlots, triton_scores
 
 
 def grads(model, loss_fn, sparse):
@@ -65,14 +67,14 @@ def test_true_edge_gradient_is_merged_into_the_kernels(sparse, monkeypatch):
     model = make_model(seed=2)
     ids = random_ids(2, 7, model.config.vocab_size, seed=3)
     returned = []
-    real = _GatherSlots.backward
+    real = GatherSlots.backward
 
     def spy(ctx, grad):
         out = real(ctx, grad)
         returned.append(out[0])
         return out
 
-    monkeypatch.setattr(_GatherSlots, "backward", staticmethod(spy))
+    monkeypatch.setattr(GatherSlots, "backward", staticmethod(spy))
     got = grads(model, lambda m: m(ids, labels=ids).loss, sparse)
     assert len(returned) == 2 and all(g is None for g in returned)  # weights and biases
     params = oracle_params(model, requires_grad=True)
@@ -171,12 +173,12 @@ def test_lean_decoding_step_equals_full_forward(batch, config, monkeypatch):
 
 
 def test_unpadded_recurrence_equals_the_general_one(monkeypatch):
-    """Whole texts take `_flow_unpadded`; a recording cache sends the same texts through the general loop."""
+    """Whole texts take `flow_unpadded`; a recording cache sends the same texts through `flow_reference`."""
     model = make_model(seed=20, position_shift=2, max_position_embeddings=6)
     ids = random_ids(3, 11, model.config.vocab_size, seed=21)
     lean_runs = []
-    real = BriLLMModel._flow_unpadded
-    monkeypatch.setattr(BriLLMModel, "_flow_unpadded", lambda self, *a: lean_runs.append(1) or real(self, *a))
+    real = signal_brillm.flow_unpadded
+    monkeypatch.setattr(signal_brillm, "flow_unpadded", lambda *a: lean_runs.append(1) or real(*a))
     for grad in (False, True):
         recording = BriLLMCache()
         recording.activate_past_recording()
@@ -286,3 +288,28 @@ def test_triton_kernel_equals_pytorch_scoring():
             triton_scores.enabled = True
     assert triton_scores.available()
     assert max_error(fast, plain) < 1e-5
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["ragged", "dense"])
+def test_scoring_fast_paths_equal_the_reference(dense):
+    """`scoring_brillm.score` (autograd and in-place no-grad) against `reference_scores`, values and gradients."""
+    from modeling_brillm.scoring_brillm import plan_scoring, reference_scores, score
+
+    model = make_model(dense=dense, seed=30)
+    base, graph = model.model, model.get_edge_graph()
+    generator = torch.Generator().manual_seed(31)
+    sources = torch.randint(0, model.config.vocab_size, (23,), generator=generator)
+    sources[:4] = torch.tensor([0, 1, 2, 2])  # no own edge, all own edges, a self-loop, a repeated source
+    signals = torch.randn(23, model.config.hidden_size, generator=generator, requires_grad=True)
+    pe = torch.randn(23, model.config.hidden_size, generator=generator)
+    weight = torch.randn(23, model.config.vocab_size, generator=generator)
+
+    expected = reference_scores(graph, base.weights, base.biases, sources, signals, pe)
+    grads_expected = torch.autograd.grad((expected * weight).sum(), (signals, base.weights, base.biases))
+    fast = score(graph, base.weights, base.biases, plan_scoring(graph, sources), signals, pe)
+    grads_fast = torch.autograd.grad((fast * weight).sum(), (signals, base.weights, base.biases))
+    with torch.no_grad():
+        in_place = score(graph, base.weights, base.biases, plan_scoring(graph, sources), signals, pe)
+    assert max_error(fast, expected) < 1e-5 and max_error(in_place, expected) < 1e-5
+    for got, want in zip(grads_fast, grads_expected):
+        assert max_error(got, want) < 1e-4 * max(1.0, want.abs().max().item())

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
-from modeling_brillm.modeling_brillm import BriLLMEdgeGraph
+from modeling_brillm.graph_brillm import BriLLMEdgeGraph
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "official-tiny"
 PARAMS = ("weights", "biases", "node_bias", "positions")

@@ -1,4 +1,4 @@
-"""Publishing to the Hub: ``brillm push`` and ``model.push_to_hub``, against a local stand-in of the Hub API.
+"""Publishing to the Hub: ``brillm push`` and ``hub_brillm.push_model``, against a local stand-in of the Hub API.
 
 The stand-in (``hub_stand_in.py``) serves the endpoints ``huggingface_hub`` calls to create a repository, a
 branch and a commit, and stores what was committed. The uploaded folder is then loaded in a fresh process where
@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard
 from hub_stand_in import HubStandIn
 from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
 from modeling_brillm.cli import main as brillm
-from modeling_brillm.hub_brillm import write_model_card
+from modeling_brillm.hub_brillm import push_model, write_model_card
 from modeling_brillm.tokenization_brillm import character_tokenizer, save_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,9 +29,11 @@ CODE_AND_WEIGHTS = {
     "config.json",
     "configuration_brillm.py",
     "generation_config.json",
-    "hub_brillm.py",
+    "graph_brillm.py",
     "model.safetensors",
     "modeling_brillm.py",
+    "scoring_brillm.py",
+    "signal_brillm.py",
 }
 UPLOADED = CODE_AND_WEIGHTS | {"README.md", "tokenizer.json", "tokenizer_config.json"}
 TEXT = "abc fed, pop."
@@ -146,10 +148,10 @@ def test_push_of_a_folder_without_card_uploads_a_generated_one(checkpoint, hub):
     assert snapshot(checkpoint) == before and not (checkpoint / "README.md").exists()
 
 
-def test_model_push_to_hub(hub):
+def test_push_model(hub):
     torch.manual_seed(0)
     model = BriLLMForCausalLM(BriLLMConfig(vocab_size=12, hidden_size=4, max_position_embeddings=16))
-    url = model.push_to_hub("me/pushed", private=True, tags=["demo"], commit_message="first upload")
+    url = push_model(model, "me/pushed", private=True, tags=["demo"], commit_message="first upload")
     assert url.startswith(f"{hub.endpoint}/me/pushed/commit/")
     assert hub.repos["me/pushed"]["private"] is True
     assert [(c["summary"], c["files"]) for c in hub.commits] == [("first upload", sorted(CODE_AND_WEIGHTS | {"README.md"}))]

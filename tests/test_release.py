@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer
 
 from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
+from modeling_brillm.hub_brillm import write_model_card
 from modeling_brillm.tokenization_brillm import character_tokenizer, save_tokenizer, tokenizer_from_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -405,12 +406,14 @@ def test_converted_model_card(tmp_path, bpe_json, reference_files):
     assert namespace["output"].shape == (1, namespace["inputs"]["input_ids"].shape[1] + 32)
 
 
-def test_save_pretrained_writes_a_card_and_keeps_an_existing_one(tmp_path):
+def test_default_card_and_an_existing_one_kept(tmp_path):
     model = BriLLMForCausalLM(BriLLMConfig(vocab_size=8, hidden_size=4, max_position_embeddings=16))
     model.save_pretrained(tmp_path)
+    assert not (tmp_path / "README.md").exists()  # the model code writes no card: the tools that publish do
+    write_model_card(tmp_path, model.config, overwrite=False)
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.tags == ["brillm", "custom_code"] and card.data.license == "unknown"
     assert f"| parameters | {model.num_parameters():,} |" in card.text and "tokenizer | none" in card.text
     (tmp_path / "README.md").write_text("my own card")
-    model.save_pretrained(tmp_path)
+    write_model_card(tmp_path, model.config, overwrite=False)
     assert (tmp_path / "README.md").read_text() == "my own card"
