@@ -107,9 +107,8 @@ def _trace_one(model, tokenizer, text, top_k):
     if not ids:
         raise ValueError(f"the text {text!r} has no tokens to trace.")
     input_ids = torch.tensor([ids])
-    base = model.base_model
-    flow = base(input_ids, use_cache=False)
-    logits = model(input_ids, use_cache=False).logits[0].float()  # (L, V)
+    out = model(input_ids, use_cache=False, output_hidden_states=True)
+    logits, signals = out.logits[0].float(), out.hidden_states[0][0]  # (L, V), (L, d)
     probabilities = torch.softmax(logits, dim=-1)
     graph = model.get_edge_graph()
     tokens = tokenizer.convert_ids_to_tokens(ids)
@@ -126,7 +125,7 @@ def _trace_one(model, tokenizer, text, top_k):
             position=position,
             source_id=source,
             source=tokens[position],
-            signal_norm=float(flow.last_hidden_state[0, position].norm()),
+            signal_norm=float(signals[position].norm()),
             positional_weights=positional_weights(model, position).tolist(),
             candidates=candidates,
         )
@@ -274,8 +273,6 @@ def _show(token):
 
 def run(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import modeling_brillm  # noqa: F401  (registers BriLLM with the Auto classes)
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
