@@ -47,6 +47,9 @@ class BriLLMConfig(PretrainedConfig):
             End-of-text token id; ``generate`` stops on it. The released models have none.
         unk_token_id (`int`, *optional*):
             Unknown-token id of the tokenizer, recorded for tools that inspect the vocabulary.
+        use_cache (`bool`, defaults to `True`):
+            Whether a forward pass in eval mode returns the generation state (a `BriLLMCache`, O(d) per text) as
+            ``past_key_values``; ``generate`` continues from it. Training forwards never return it unless asked.
 
     Example:
 
@@ -80,6 +83,7 @@ class BriLLMConfig(PretrainedConfig):
         bos_token_id=None,
         eos_token_id=None,
         unk_token_id=None,
+        use_cache=True,
         **kwargs,
     ):
         _check_int("vocab_size", vocab_size, minimum=2, hint="a graph needs at least two nodes")
@@ -121,6 +125,9 @@ class BriLLMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.position_init = position_init
         self.unk_token_id = unk_token_id
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"use_cache must be True or False; got {use_cache!r}.")
+        self.use_cache = use_cache
         # Token ids go through super().__init__: transformers 4.x re-assigns them there from kwargs.
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
