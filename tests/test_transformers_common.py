@@ -6,10 +6,13 @@ not apply to BriLLM are skipped below with the reason.
 """
 
 import unittest
+from pathlib import Path
 from unittest import mock
 
+import pytest
+import transformers
 from transformers.models.auto import modeling_auto
-from transformers_sdist import load
+from transformers_sdist import load, tests_folder
 
 from modeling_brillm import BriLLMConfig, BriLLMForCausalLM, BriLLMModel
 
@@ -82,3 +85,13 @@ class BriLLMModelTest(ModelTesterMixin, unittest.TestCase):
         tester.check_config_can_be_init_without_params()
 
 
+
+
+def test_the_sdist_matches_the_installed_transformers():
+    assert Path(test_modeling_common.__file__).parent == tests_folder()
+    assert tests_folder().parent.name == f"transformers-{transformers.__version__}"
+
+
+def test_a_missing_sdist_fails_loudly(tmp_path):
+    with pytest.raises(RuntimeError, match="make setup"):
+        tests_folder(transformers.__version__, cache=tmp_path)
