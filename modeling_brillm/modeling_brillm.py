@@ -881,9 +881,12 @@ class BriLLMModel(BriLLMPreTrainedModel):
         if input_ids is None:
             raise ValueError("BriLLM needs input_ids (B, T) of token ids; inputs_embeds are not supported.")
         if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(f"input_ids must be a tensor of token ids; got {type(input_ids).__name__}.")
+            raise ValueError(f"input_ids must be an integer tensor of token ids; got {type(input_ids).__name__}.")
         if input_ids.dtype not in (torch.int64, torch.int32):  # uint8 would even index as a mask
-            raise ValueError(f"input_ids must hold int64 or int32 token ids; got {input_ids.dtype}: use input_ids.long().")
+            raise ValueError(
+                f"input_ids must be an integer tensor of int64 or int32 token ids; got {input_ids.dtype}: "
+                "use input_ids.long()."
+            )
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must have shape (batch, length); got {tuple(input_ids.shape)}. "
