@@ -129,12 +129,24 @@ def check_against_ours(model_dir, samples):
         assert sample["filtered_resps"][0] == tokenizer.decode(greedy, skip_special_tokens=True).split("\n")[0]
 
 
-def test_lm_eval_on_a_prepared_folder(tmp_path):
+def test_lm_eval_on_a_trained_folder(tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS)
     prepare_corpus([tmp_path / "corpus.txt"], tmp_path / "prepared", hidden_size=4, log=None)
-    model_dir = tmp_path / "prepared" / "model"  # `brillm train` starts from it and saves its config and tokenizer
-    samples = run_lm_eval(model_dir, write_tasks(tmp_path / "tasks", *english_texts()), tmp_path / "results")
-    check_against_ours(model_dir, samples)
+    recipe = {"name": "lm-eval", "output_dir": str(tmp_path / "trained"), "data": {"prepared": str(tmp_path / "prepared")},
+              "train": {"learning_rate": 0.05, "batch_size": 4, "max_steps": 4, "save_steps": 4, "eval_steps": 4,
+                        "max_eval_batches": 1, "seed": 0}}  # fmt: skip
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "modeling_brillm.train", "--config", str(tmp_path / "recipe.json")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The trained folder carries the prepared one's config and tokenizer (`brillm train` starts from them).
+    for name in ("tokenizer_config.json", "config.json"):
+        prepared, trained = (json.loads((tmp_path / folder / name).read_text()) for folder in ("prepared/model", "trained"))
+        for key in ("bos_token", "eos_token", "model_max_length", "context_length"):
+            assert prepared.get(key) == trained.get(key), (name, key)
+    tasks = write_tasks(tmp_path / "tasks", *english_texts())
+    check_against_ours(tmp_path / "trained", run_lm_eval(tmp_path / "trained", tasks, tmp_path / "results"))
 
 
 def test_lm_eval_on_a_converted_folder(tmp_path, fixture_dir, reference_converter):
