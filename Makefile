@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml requirements-ci.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-ci.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) tests/transformers_sdist.py  # transformers' generic tests (sdists of 5.23 and 5.24, cached once)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 REFERENCE_KEYS = ("positions", "weights", "biases", "node_bias")
+REFERENCE_CONTEXT_LENGTH = 32  # the reference models were trained on 32-token samples
 
 
 class ConversionError(ValueError):
@@ -219,6 +220,7 @@ def convert(
         suppress_self_loop=True,
         pad_token_id=next((vocab[t] for t in ("[PAD]", "<pad>") if t in vocab), None),
         unk_token_id=next((vocab[t] for t in ("[UNK]", "<unk>") if t in vocab), None),
+        context_length=REFERENCE_CONTEXT_LENGTH,
     )
     with torch.device("meta"):
         model = BriLLMForCausalLM(config)
@@ -248,7 +250,7 @@ def convert(
         staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
-            save_tokenizer(tokenizer, staging)
+            save_tokenizer(tokenizer, staging, context_length=REFERENCE_CONTEXT_LENGTH)
         write_model_card(staging, config, made_from=made_from, language=language, license=license)
         replace_folder(staging, output)
     except BaseException:

@@ -47,6 +47,15 @@ class BriLLMConfig(PretrainedConfig):
             End-of-text token id; ``generate`` stops on it. The released models have none.
         unk_token_id (`int`, *optional*):
             Unknown-token id of the tokenizer, recorded for tools that inspect the vocabulary.
+        context_length (`int`, *optional*):
+            Length in tokens of the texts the model was trained on (32 for the reference models and `brillm
+            prepare`'s default). Longer texts still work, but positional weights past it keep their initial value.
+            Tools that size their windows from the config see it as ``n_positions`` (lm-evaluation-harness reads
+            ``n_positions`` before ``max_position_embeddings``), so evaluation matches training unless asked for
+            more. `None` (folders written before it existed): they see ``max_position_embeddings``.
+        use_cache (`bool`, defaults to `True`):
+            Whether a forward pass in eval mode returns the generation state (a `BriLLMCache`, O(d) per text) as
+            ``past_key_values``; ``generate`` continues from it. Training forwards never return it unless asked.
 
     Example:
 
@@ -64,6 +73,7 @@ class BriLLMConfig(PretrainedConfig):
     """
 
     model_type = "brillm"
+    attribute_map = {"n_positions": "context_length"}
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
@@ -80,6 +90,8 @@ class BriLLMConfig(PretrainedConfig):
         bos_token_id=None,
         eos_token_id=None,
         unk_token_id=None,
+        context_length=None,
+        use_cache=True,
         **kwargs,
     ):
         _check_int("vocab_size", vocab_size, minimum=2, hint="a graph needs at least two nodes")
@@ -121,6 +133,12 @@ class BriLLMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.position_init = position_init
         self.unk_token_id = unk_token_id
+        if context_length is not None:
+            _check_int("context_length", context_length, minimum=1, hint="the training sample length, e.g. 32")
+        self.context_length = context_length
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"use_cache must be True or False; got {use_cache!r}.")
+        self.use_cache = use_cache
         # Token ids go through super().__init__: transformers 4.x re-assigns them there from kwargs.
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)

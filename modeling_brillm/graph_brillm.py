@@ -40,15 +40,32 @@ class BriLLMEdgeGraph(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.num_slots = num_slots
-        if num_slots == 1 + vocab_size * vocab_size:
-            row_ptr, col_idx = dense_graph(vocab_size)
-        else:  # filled by set_graph() or by loading a checkpoint
-            row_ptr = torch.zeros(vocab_size + 1, dtype=torch.int64)
-            col_idx = torch.zeros(num_slots - 1, dtype=torch.int32)
-        self.register_buffer("row_ptr", row_ptr)
-        self.register_buffer("col_idx", col_idx)
+        self.register_buffer("row_ptr", torch.empty(vocab_size + 1, dtype=torch.int64))
+        self.register_buffer("col_idx", torch.empty(num_slots - 1, dtype=torch.int32))
+        self.reset_graph()
+
+    @property
+    def is_dense(self):
+        return self.num_slots == 1 + self.vocab_size * self.vocab_size
+
+    @torch.no_grad()
+    def reset_graph(self):
+        """The slot map a config alone defines: the dense graph, or for a sparse one all zeros (invalid on
+        purpose: a sparse slot map comes from set_graph()/from_graph() or a checkpoint, and check() says so)."""
+        if self.row_ptr.device.type != "meta":
+            if self.is_dense:
+                row_ptr, col_idx = dense_graph(self.vocab_size)
+                self.row_ptr.copy_(row_ptr)
+                self.col_idx.copy_(col_idx)
+            else:
+                self.row_ptr.zero_()
+                self.col_idx.zero_()
         self._checked = False
         self._derived = {}  # tables computed from the buffers: see `_table`
+
+    def extra_repr(self):
+        kind = "dense" if self.is_dense else "sparse"
+        return f"vocab_size={self.vocab_size}, num_slots={self.num_slots} ({kind}: {self.num_slots - 1} owned edges)"
 
     @classmethod
     def from_edge_keys(cls, keys, vocab_size):

@@ -185,10 +185,7 @@ def edge_report(model, tokenizer, source_token, top_k=10):
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
+    try:  # the user's backend as it is: inline in Jupyter, a window on a desktop, Agg when headless
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from None

@@ -64,6 +64,13 @@ class BriLLMModelOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
+_NO_EMBEDDINGS = (
+    "BriLLM has no embedding matrix: a token is a node of the graph, whose edges own the parameters "
+    "(weights, biases, node_bias), so there are no input/output embeddings to get, set or resize. "
+    "A new vocabulary needs a new graph (a new model)."
+)
+
+
 class BriLLMPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading shared by the BriLLM models."""
 
@@ -76,6 +83,9 @@ class BriLLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if isinstance(module, BriLLMEdgeGraph):  # meta-device init (FSDP, init_empty_weights) comes through here
+            if not any(getattr(t, "_is_hf_initialized", False) for t in (module.row_ptr, module.col_idx)):
+                module.reset_graph()
         if isinstance(module, BriLLMModel):
             r = self.config.initializer_range
             for tensor in (module.weights, module.biases, module.node_bias):
@@ -86,9 +96,9 @@ class BriLLMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        model.get_edge_graph().check()
-        return model
+        loaded = super().from_pretrained(*args, **kwargs)  # (model, loading_info) with output_loading_info=True
+        (loaded[0] if isinstance(loaded, tuple) else loaded).get_edge_graph().check()
+        return loaded
 
     @staticmethod
     def _finalize_model_loading(model, load_config, loading_info, *args, **kwargs):
@@ -100,6 +110,15 @@ class BriLLMPreTrainedModel(PreTrainedModel):
     def get_edge_graph(self):
         """The model's `BriLLMEdgeGraph` (slot map)."""
         return self.base_model.graph
+
+    def get_input_embeddings(self):
+        raise NotImplementedError(_NO_EMBEDDINGS)
+
+    def set_input_embeddings(self, value):
+        raise NotImplementedError(_NO_EMBEDDINGS)
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise NotImplementedError(_NO_EMBEDDINGS)
 
     def set_sparse_gradients(self, enabled=True):
         """Give ``weights`` and ``biases`` sparse COO gradients that hold only the slots a batch touched.
@@ -165,6 +184,14 @@ class BriLLMModel(BriLLMPreTrainedModel):
         self.sparse_gradients = False  # see `set_sparse_gradients`
         self.post_init()
 
+    def extra_repr(self):
+        shapes = ", ".join(f"{name}={tuple(p.shape)}" for name, p in self.named_parameters(recurse=False))
+        c = self.config
+        return (
+            f"vocab_size={c.vocab_size}, hidden_size={c.hidden_size}, num_slots={c.num_slots}, "
+            f"max_position_embeddings={c.max_position_embeddings}, parameters={self.num_parameters():,}: {shapes}"
+        )
+
     def forward(
         self,
         input_ids=None,
@@ -184,13 +211,15 @@ class BriLLMModel(BriLLMPreTrainedModel):
         """
         self.graph.check()
         cache = _pick_cache(past_key_values, cache)
+        output_hidden_states, return_dict = _output_options(self.config, output_hidden_states, return_dict)
         if logits_to_keep is not None and not output_hidden_states and not torch.is_grad_enabled():
             logits = self._decode_step(input_ids, attention_mask, cache)
             if logits is not None:  # generation's lean path, same numbers
-                return BriLLMModelOutput(logits=logits[:, None].float(), cache=None if use_cache is False else cache)
+                output = BriLLMModelOutput(logits=logits[:, None].float(), cache=None if use_cache is False else cache)
+                return output if return_dict else output.to_tuple()
         mask = self._check_inputs(input_ids, attention_mask, cache)
-        if use_cache is None:
-            use_cache = not self.training
+        if use_cache is None:  # the state is O(d) per text, but training has no use for it
+            use_cache = self.config.use_cache and not self.training
         if cache is None:
             cache = BriLLMCache()
         if not cache.is_initialized:
@@ -206,7 +235,7 @@ class BriLLMModel(BriLLMPreTrainedModel):
         if logits_to_keep is not None:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self._logits(input_ids[:, keep], signals[:, keep], signal_positions[:, keep], link)
-        return BriLLMModelOutput(
+        output = BriLLMModelOutput(
             last_hidden_state=signals,
             energies=energies,
             signal_positions=signal_positions,
@@ -214,6 +243,7 @@ class BriLLMModel(BriLLMPreTrainedModel):
             hidden_states=(signals,) if output_hidden_states else None,
             logits=logits,
         )
+        return output if return_dict else output.to_tuple()
 
     def score_next(self, sources, signals, signal_positions):
         """Full-vocabulary next-token logits: (B, T, V) from sources (B, T), signals (B, T, d), edge indices (B, T).
@@ -236,8 +266,13 @@ class BriLLMModel(BriLLMPreTrainedModel):
         """The chunk's mask (B, T) bool, after checking ids, mask and cache; `ValueError` on bad input."""
         if input_ids is None:
             raise ValueError("BriLLM needs input_ids (B, T) of token ids; inputs_embeds are not supported.")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        if not isinstance(input_ids, torch.Tensor):
             raise ValueError(f"input_ids must be an integer tensor of token ids; got {type(input_ids).__name__}.")
+        if input_ids.dtype not in (torch.int64, torch.int32):  # uint8 would even index as a mask
+            raise ValueError(
+                f"input_ids must be an integer tensor of int64 or int32 token ids; got {input_ids.dtype}: "
+                "use input_ids.long()."
+            )
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must have shape (batch, length); got {tuple(input_ids.shape)}. "
@@ -454,6 +489,7 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
         return_dict=None,
         **kwargs,
     ):
+        output_hidden_states, return_dict = _output_options(self.config, output_hidden_states, return_dict)
         if labels is not None:
             self._check_labels(labels, input_ids)
         outputs = self.model(
@@ -463,14 +499,16 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             logits_to_keep=logits_to_keep,
         )
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=outputs.logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        output = CausalLMOutputWithPast(
             loss=loss, logits=outputs.logits, past_key_values=outputs.cache, hidden_states=outputs.hidden_states
         )
+        return output if return_dict else output.to_tuple()
 
     def _check_labels(self, labels, input_ids):
         if not isinstance(input_ids, torch.Tensor) or labels.shape != input_ids.shape:
@@ -553,6 +591,13 @@ _DECODE_STEP_KWARGS = {_CACHE_KWARG, "attention_mask", "use_cache", "logits_to_k
                        "output_attentions", "return_dict"}  # fmt: skip
 
 
+def _output_options(config, output_hidden_states, return_dict):
+    """``(output_hidden_states, return_dict)``: the arguments, else the config's settings."""
+    if output_hidden_states is None:
+        output_hidden_states = config.output_hidden_states
+    return output_hidden_states, config.return_dict if return_dict is None else return_dict
+
+
 def _pick_cache(past_key_values, cache):
     """The state passed under either name (``cache`` from transformers 5.24, ``past_key_values`` before)."""
     for state in (cache, past_key_values):
@@ -567,7 +612,8 @@ def _check_checkpoint_fits_config(model, load_config, loading_info):
     transformers would re-initialise a tensor whose shape differs (after an unhelpful `RuntimeError`, or
     silently with ``ignore_mismatched_sizes=True``) and leave absent buffers as uninitialised memory. The edge
     matrices, node biases and slot map only mean something together, so a mismatch there is always an error;
-    ``positions`` may still be re-initialised on request (``ignore_mismatched_sizes=True``).
+    ``positions`` may still be re-initialised on request (``ignore_mismatched_sizes=True``). A missing slot map is
+    an error only for a sparse graph: `_init_weights` rebuilds a dense one from the config.
     """
     config = model.config
     prefix = model.base_model_prefix + "."
@@ -586,9 +632,9 @@ def _check_checkpoint_fits_config(model, load_config, loading_info):
             saved["vocab_size"] = checkpoint_shape[0] - (name == "graph.row_ptr")
         elif name == "positions":
             saved["max_position_embeddings"] = checkpoint_shape[1]
-    for key in sorted(getattr(loading_info, "missing_keys", ())):
-        if (key[len(prefix) :] if key.startswith(prefix) else key).startswith("graph."):
-            problems.append(f"{key} (the slot map) is missing from the checkpoint")
+    for key in sorted(getattr(loading_info, "missing_keys", ())):  # a dense slot map follows from the config
+        if (key[len(prefix) :] if key.startswith(prefix) else key).startswith("graph.") and not config.is_dense:
+            problems.append(f"{key} (the slot map of this sparse graph) is missing from the checkpoint")
     if problems:
         hint = ", ".join(f"{name}={value} (config.json: {getattr(config, name)})" for name, value in saved.items())
         raise ValueError(

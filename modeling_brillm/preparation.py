@@ -116,7 +116,7 @@ def prepare_corpus(
     V = len(tok)
     for folder in ("tokenizer", "model"):
         _replace(output_dir / folder)
-        save_tokenizer(tok, output_dir / folder)
+        save_tokenizer(tok, output_dir / folder, context_length=seq_len)
     capped = f" (the corpus has only {V - 2} distinct characters)" if V < vocab_size else ""
     say(f"tokenizer: {tokenizer}, {V} tokens{capped} -> {output_dir / 'tokenizer'}")
     lap("tokenizer")
@@ -153,6 +153,7 @@ def prepare_corpus(
         num_slots=graph.num_slots,
         pad_token_id=tok.pad_token_id,
         unk_token_id=tok.unk_token_id,
+        context_length=seq_len,
     )
     model = model_from_graph(config, graph, seed=seed)
     model.save_pretrained(output_dir / "model")

@@ -13,6 +13,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<unk>", "<pad>", "<s>", "</s>")
+# The text boundary (BOS = EOS, e.g. lm-evaluation-harness's prefix and end-of-text token): an existing special
+# token, so the vocabulary and the graph stay as they are. The first present wins; the reference Chinese
+# vocabulary has only <unk>. Nothing adds it to encoded text: it is for tools that ask for it.
+BOUNDARY_TOKENS = ("[SEP]", "</s>", "<pad>", "[PAD]", "<unk>", "[UNK]")
 
 
 def is_character_vocabulary(vocab):
@@ -77,11 +81,12 @@ def tokenizer_from_json(path, vocab=None):
     return _wrap(tokenizer, tokenizer.get_vocab())
 
 
-def save_tokenizer(tokenizer, save_directory):
+def save_tokenizer(tokenizer, save_directory, context_length=None):
     """``tokenizer.save_pretrained`` readable by transformers 4.x too: ``tokenizer_class`` "PreTrainedTokenizerFast".
 
     transformers 5 writes "TokenizersBackend", a name 4.x does not know; 5.x reads "PreTrainedTokenizerFast" back
-    as the same class. Returns the saved file names.
+    as the same class. ``context_length`` (the training sample length) becomes ``model_max_length``, the length
+    the tokenizer advertises (see `BriLLMConfig`'s ``context_length``). Returns the saved file names.
 
     Example:
 
@@ -94,6 +99,8 @@ def save_tokenizer(tokenizer, save_directory):
 
     ```
     """
+    if context_length is not None:
+        tokenizer.model_max_length = context_length
     files = tokenizer.save_pretrained(save_directory)
     path = Path(save_directory) / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -184,6 +191,8 @@ def _wrap(tokenizer, vocab):
         "sep_token": "[SEP]" if "[SEP]" in vocab else None,
         "mask_token": "[MASK]" if "[MASK]" in vocab else None,
     }
+    boundary = next((t for t in BOUNDARY_TOKENS if t in vocab), None)
+    specials.update(bos_token=boundary, eos_token=boundary)
     specials = {name: token for name, token in specials.items() if token is not None}
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", **specials)
 

@@ -108,6 +108,21 @@ def test_plots_write_a_png(model, tokenizer, fixture, tmp_path):
     assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plots_keep_the_users_matplotlib_backend():
+    # A library never switches the backend: in Jupyter that would hide every inline plot.
+    script = (
+        "import matplotlib; matplotlib.use('svg')\n"
+        "from modeling_brillm import BriLLMConfig, BriLLMForCausalLM\n"
+        "from modeling_brillm.interpretation import plot_out_degrees, plot_positional_weights\n"
+        "model = BriLLMForCausalLM(BriLLMConfig(vocab_size=8, hidden_size=4))\n"
+        "plot_out_degrees(model); plot_positional_weights(model, num_edges=4)\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "svg"
+
+
 def test_plots_explain_a_missing_matplotlib(model, tokenizer, fixture, tmp_path, monkeypatch):
     real_import = builtins.__import__
 

@@ -28,5 +28,9 @@ def test_notebook_runs(path, monkeypatch):
         output.get("text", "") for cell in book.cells if cell.cell_type == "code" for output in cell.outputs
     )
     assert "Error" not in text
+    plotting = [cell for cell in book.cells if cell.cell_type == "code" and "plot_" in cell.source and "import" not in cell.source]
+    for cell in plotting:  # each plot shows inline (a backend switched to Agg would show none)
+        assert any("image/png" in output.get("data", {}) for output in cell.outputs), f"no inline plot from:\n{cell.source}"
+    assert bool(plotting) == (path.stem == "02_signal_flow"), "update the list of plotting notebooks"
     if path.stem == "03_finetune_with_trainer":
         assert "before: perplexity" in text and "after:  perplexity" in text
