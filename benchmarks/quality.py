@@ -587,7 +587,6 @@ def study(recipe, output_dir, args):
     from transformers import AutoTokenizer
 
     from modeling_brillm.preparation import count_sample_bigrams
-    from modeling_brillm.train import top_successors
 
     machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     prepared = prepare(recipe, output_dir)
@@ -615,8 +614,35 @@ def study(recipe, output_dir, args):
 
     warm_up(train_set, graph_counts, tokenizer, vocab_size, recipe["seq_len"])
 
-    # ---- BriLLM
+    records = brillm_runs(recipe, args, runs_dir, train_set, valid, primary, graph_counts, tokenizer, vocab_size)
+    results["rows"].extend(_row(record) for record in records.values())
     reference = next(run for run in recipe["brillm"] if run["reference"])
+    ref_record = records.get(reference["name"])
+    if ref_record is not None:  # GPT-2: same batches, same tokens, then on to the same wall-clock
+        record = gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, valid, primary, vocab_size)
+        results["rows"].extend(_gpt2_rows(record))
+
+    # ---- KenLM
+    if args.skip_kenlm:
+        results["kenlm_skipped"] = "--skip-kenlm"
+    else:
+        try:
+            bin_dir = ensure_kenlm(install=not args.no_install_kenlm)
+        except KenLMUnavailable as error:
+            results["kenlm_skipped"] = str(error)
+            print(f"KENLM SKIPPED: {error}", flush=True)
+        else:
+            results["rows"].extend(kenlm_rows(recipe, bin_dir, train_set, valid, vocab_size, ref_record, output_dir))
+    results["curves"] = {row["name"]: row["curve"] for row in results["rows"] if row.get("curve")}
+    return results
+
+
+def brillm_runs(recipe, args, runs_dir, train_set, valid, primary, graph_counts, tokenizer, vocab_size):
+    """Train and evaluate every BriLLM run of the recipe (or reuse its cached record): {name: record}."""
+    import torch
+
+    from modeling_brillm.train import top_successors
+
     fractions = [2.0 ** -k for k in range(recipe["curve_points"] - 1, -1, -1)]
     successors = None
     records = {}
@@ -666,54 +692,40 @@ def study(recipe, output_dir, args):
         records[run["name"]] = record
         say(f"{run['name']}: " + ", ".join(f"{n} {m['bits_per_char']} bits/char" for n, m in metrics.items()))
         del model
-    results["rows"].extend(_row(record) for record in records.values())
-    ref_record = records.get(reference["name"])
+    return records
 
-    # ---- GPT-2: same batches, same tokens, then on to the same wall-clock
-    if ref_record is not None:
-        settings = {**recipe["gpt2"]}
-        settings["batch_size"] = settings["batch_size"] or reference["batch_size"]
-        budget = settings["max_seconds"] or ref_record["seconds"]
-        ref_tokens = ref_record["train_tokens"]
-        key = _run_key(recipe, {**settings, "budget": budget, "ref_tokens": ref_tokens})
-        cached = runs_dir / "gpt2.json"
-        record = json.loads(cached.read_text()) if cached.is_file() else None
-        if record is None or record.get("key") != key or (args.only is not None and "gpt2" in args.only):
-            model = gpt2_model(settings, vocab_size, recipe["seq_len"], recipe["seed"])
-            say(f"gpt2: {model.num_parameters():,} parameters; equal tokens {ref_tokens}, equal wall-clock {budget:.0f} s")
-            # The reference's evaluation points (the same batches give the same token counts), then doublings.
-            marks = [point["tokens"] for point in ref_record["curve"]] + [ref_tokens * 2**k for k in range(1, 16)]
-            # Stop once both the reference's tokens and its wall-clock are reached; the equal-tokens point is the
-            # model after exactly the reference's batches (constant lr after warmup: the same as a run that stops).
-            trained = run_training("gpt2", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid,
-                                   marks, recipe["eval_batch_size"], primary,
-                                   stop=lambda tokens, seconds: tokens >= ref_tokens and seconds >= budget,
-                                   full_eval_at=[ref_tokens])  # fmt: skip
-            started = time.perf_counter()
-            metrics = {primary: trained["curve"][-1]["metrics"]}
-            metrics.update({name: evaluate(model, samples, recipe["eval_batch_size"]) for name, samples in valid.items()
-                            if name != primary})  # fmt: skip
-            trained.pop("seen")
-            record = {"key": key, "settings": settings, "budget": budget, "parameters": model.num_parameters(),
-                      "trained": trained, "equal_tokens": trained["at_tokens"].get(ref_tokens), "metrics": metrics,
-                      "eval_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-            cached.write_text(json.dumps(record))
-            del model
-        results["rows"].extend(_gpt2_rows(record))
 
-    # ---- KenLM
-    if args.skip_kenlm:
-        results["kenlm_skipped"] = "--skip-kenlm"
-    else:
-        try:
-            bin_dir = ensure_kenlm(install=not args.no_install_kenlm)
-        except KenLMUnavailable as error:
-            results["kenlm_skipped"] = str(error)
-            print(f"KENLM SKIPPED: {error}", flush=True)
-        else:
-            results["rows"].extend(kenlm_rows(recipe, bin_dir, train_set, valid, vocab_size, ref_record, output_dir))
-    results["curves"] = {row["name"]: row["curve"] for row in results["rows"] if row.get("curve")}
-    return results
+def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, valid, primary, vocab_size):
+    """GPT-2 on the reference BriLLM run's batches: equal tokens, then on to equal wall-clock (or the cached record)."""
+    settings = {**recipe["gpt2"]}
+    settings["batch_size"] = settings["batch_size"] or reference["batch_size"]
+    budget = settings["max_seconds"] or ref_record["seconds"]
+    ref_tokens = ref_record["train_tokens"]
+    key = _run_key(recipe, {**settings, "budget": budget, "ref_tokens": ref_tokens})
+    cached = runs_dir / "gpt2.json"
+    record = json.loads(cached.read_text()) if cached.is_file() else None
+    if record is None or record.get("key") != key or (args.only is not None and "gpt2" in args.only):
+        model = gpt2_model(settings, vocab_size, recipe["seq_len"], recipe["seed"])
+        say(f"gpt2: {model.num_parameters():,} parameters; equal tokens {ref_tokens}, equal wall-clock {budget:.0f} s")
+        # The reference's evaluation points (the same batches give the same token counts), then doublings.
+        marks = [point["tokens"] for point in ref_record["curve"]] + [ref_tokens * 2**k for k in range(1, 16)]
+        # Stop once both the reference's tokens and its wall-clock are reached; the equal-tokens point is the
+        # model after exactly the reference's batches (constant lr after warmup: the same as a run that stops).
+        trained = run_training("gpt2", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid,
+                               marks, recipe["eval_batch_size"], primary,
+                               stop=lambda tokens, seconds: tokens >= ref_tokens and seconds >= budget,
+                               full_eval_at=[ref_tokens])  # fmt: skip
+        started = time.perf_counter()
+        metrics = {primary: trained["curve"][-1]["metrics"]}
+        metrics.update({name: evaluate(model, samples, recipe["eval_batch_size"]) for name, samples in valid.items()
+                        if name != primary})  # fmt: skip
+        trained.pop("seen")
+        record = {"key": key, "settings": settings, "budget": budget, "parameters": model.num_parameters(),
+                  "trained": trained, "equal_tokens": trained["at_tokens"].get(ref_tokens), "metrics": metrics,
+                  "eval_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        cached.write_text(json.dumps(record))
+        del model
+    return record
 
 
 def warm_up(train_set, graph_counts, tokenizer, vocab_size, seq_len, steps=4):
