@@ -48,6 +48,8 @@ import codecs
 import os
 from pathlib import Path
 
+import numpy as np
+
 DOCUMENT_SEPARATOR = "<|endoftext|>"
 PACKING_MODES = ("blocks", "lines")
 _CHUNK_BYTES = 1 << 20
@@ -393,8 +395,8 @@ def tokenize_and_pack(dataset, tokenizer, seq_len=32, pack="blocks", num_proc=No
             "num_chars": Value("int32"),
         }
     )
-    packer = _Packer(tokenizer.backend_tokenizer, tokenizer.pad_token_id, seq_len, pack)
     streaming = isinstance(dataset, (IterableDataset, IterableDatasetDict))
+    packer = _Packer(tokenizer.backend_tokenizer, tokenizer.pad_token_id, seq_len, pack, as_lists=streaming)
     options = {"batched": True, "batch_size": batch_size, "remove_columns": ["text"], "features": features}
     if not streaming:
         options.update(num_proc=num_proc, desc="tokenize and pack")
@@ -409,11 +411,13 @@ class _Packer:
     Rows are encoded in groups of at most ``_ENCODE_CHARS`` characters and full blocks leave the current run as
     soon as they are complete, so the memory of a call grows with its output, never with the length of a run."""
 
-    def __init__(self, tokenizer, pad_token_id, seq_len, pack):
+    def __init__(self, tokenizer, pad_token_id, seq_len, pack, as_lists=False):
         self.tokenizer, self.pad_token_id, self.seq_len, self.pack = tokenizer, pad_token_id, seq_len, pack
+        self.as_lists = as_lists  # streaming `map` hands rows on as returned: lists there, like a stored dataset
 
     def __call__(self, batch):
         samples = {"input_ids": [], "attention_mask": [], "labels": [], "num_chars": []}
+        packed = []  # the samples of each group as numpy arrays (a tenth of the memory of Python lists)
         ids, ends, start = [], [], 0  # the current run: token ids, their end characters, the run's length so far
         for group in _groups(batch["text"]):
             lines = [line for line in group if line.strip() != DOCUMENT_SEPARATOR]
@@ -432,8 +436,23 @@ class _Packer:
                     ids, ends, start = [], [], 0
             done = self._emit(ids, ends, samples, complete_only=True)
             ids, ends = ids[done:], ends[done:]
+            packed.append(self._to_arrays(samples))
         self._emit(ids, ends, samples)
-        return samples
+        packed.append(self._to_arrays(samples))
+        arrays = {name: np.concatenate([part[name] for part in packed]) for name in packed[0]}
+        return {name: array.tolist() for name, array in arrays.items()} if self.as_lists else arrays
+
+    def _to_arrays(self, samples):
+        """The collected samples as arrays of the output dtypes; empties ``samples``."""
+        L = self.seq_len
+        dtypes = {"input_ids": np.int64, "attention_mask": np.int8, "labels": np.int64, "num_chars": np.int32}
+        arrays = {
+            name: np.array(values, dtype=dtypes[name]).reshape(-1, L) if name != "num_chars" else np.array(values, dtype=dtypes[name])
+            for name, values in samples.items()
+        }
+        for values in samples.values():
+            values.clear()
+        return arrays
 
     def _emit(self, ids, ends, samples, complete_only=False):
         """Append the blocks of a run (all of them, or only those followed by more tokens of it); returns the

@@ -22,10 +22,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.logits_process import LogitsProcessor
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_brillm import BriLLMConfig
 from .hub_brillm import push_folder, write_model_card
+
+logger = logging.get_logger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Positional encoding
@@ -714,9 +716,12 @@ class BriLLMPreTrainedModel(PreTrainedModel):
                 module.positions.fill_(self.config.position_init)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, *args, allow_non_finite_weights=False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then the slot map is checked and so are the weights: NaN or infinite
+        values raise `ValueError` unless ``allow_non_finite_weights=True`` (then a warning names them)."""
         model = super().from_pretrained(*args, **kwargs)
         model.get_edge_graph().check()
+        _check_finite_weights(model, args[0] if args else kwargs.get("pretrained_model_name_or_path"), allow_non_finite_weights)
         return model
 
     @staticmethod
@@ -1306,8 +1311,11 @@ def _check_checkpoint_fits_config(model, load_config, loading_info):
         elif name == "positions":
             saved["max_position_embeddings"] = checkpoint_shape[1]
     for key in sorted(getattr(loading_info, "missing_keys", ())):
-        if (key[len(prefix) :] if key.startswith(prefix) else key).startswith("graph."):
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if name.startswith("graph."):
             problems.append(f"{key} (the slot map) is missing from the checkpoint")
+        elif name in ("weights", "biases", "node_bias", "positions"):  # never re-initialised at random in silence
+            problems.append(f"{key} is missing from the checkpoint")
     if problems:
         hint = ", ".join(f"{name}={value} (config.json: {getattr(config, name)})" for name, value in saved.items())
         raise ValueError(
@@ -1318,6 +1326,27 @@ def _check_checkpoint_fits_config(model, load_config, loading_info):
             + " A BriLLM config.json must match the weights and slot map saved with it; do not edit num_slots "
             "or vocab_size by hand."
         )
+
+
+def count_non_finite(tensor, block=1 << 24):
+    """NaN and infinite values of ``tensor``, counted in blocks (no full-size temporary)."""
+    flat = tensor.detach().reshape(-1)
+    return sum(int((~torch.isfinite(flat[i : i + block])).sum()) for i in range(0, flat.numel(), block))
+
+
+def _check_finite_weights(model, source, allow):
+    """Raise `ValueError` naming ``source`` and the tensors holding NaN or infinite values (only warn if ``allow``)."""
+    bad = {name: count_non_finite(p) for name, p in model.named_parameters() if p.is_floating_point()}
+    bad = {name: count for name, count in bad.items() if count}
+    if not bad:
+        return
+    found = ", ".join(f"{name} ({count:,})" for name, count in bad.items())
+    if not allow:
+        raise ValueError(
+            f"{source}: NaN or infinite weights in {found}; the checkpoint is corrupted or its training diverged. "
+            "Load it anyway with allow_non_finite_weights=True (--allow-non-finite-weights)."
+        )
+    logger.warning(f"{source}: loaded NaN or infinite weights in {found}; its outputs will be NaN.")
 
 
 BriLLMModel.register_for_auto_class("AutoModel")

@@ -270,27 +270,24 @@ def build_parser(parser):
 
 
 def run(args):
-    """``brillm prepare``: `prepare_corpus` with the command's arguments; bad input exits with its message."""
-    try:
-        prepare_corpus(
-            args.corpus,
-            args.output,
-            valid=args.valid,
-            tokenizer=args.tokenizer,
-            vocab_size=args.vocab_size,
-            seq_len=args.seq_len,
-            pack=args.pack,
-            min_edge_count=args.min_edge_count,
-            max_edges_per_source=args.max_edges_per_source,
-            hidden_size=args.hidden_size,
-            max_position_embeddings=args.max_position_embeddings,
-            validation_fraction=args.validation_fraction,
-            encoding_errors=args.encoding_errors,
-            num_proc=args.num_proc,
-            seed=args.seed,
-        )
-    except ValueError as error:  # CorpusError included
-        raise SystemExit(f"error: {error}") from None
+    """``brillm prepare``: `prepare_corpus` with the command's arguments (bad input: `ValueError`, one line)."""
+    prepare_corpus(
+        args.corpus,
+        args.output,
+        valid=args.valid,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        pack=args.pack,
+        min_edge_count=args.min_edge_count,
+        max_edges_per_source=args.max_edges_per_source,
+        hidden_size=args.hidden_size,
+        max_position_embeddings=args.max_position_embeddings,
+        validation_fraction=args.validation_fraction,
+        encoding_errors=args.encoding_errors,
+        num_proc=args.num_proc,
+        seed=args.seed,
+    )
 
 
 def _splits(corpus, valid):
