@@ -685,4 +685,4 @@ def run(args):
 if __name__ == "__main__":  # `accelerate launch -m modeling_brillm.train`: errors as `brillm train` gives them
     from .cli import run_command
 
-    run_command(run, build_parser(), sys.argv[1:])
+    run_command(run, build_parser())
