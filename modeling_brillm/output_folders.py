@@ -91,21 +91,26 @@ def tree_bytes(folder):
 # Disk space
 
 
+# What a full disk (ENOSPC), a full quota (EDQUOT) or a file-size limit (EFBIG) looks like in the messages of the
+# writers that do not raise `OSError`: torch's zip writer (`RuntimeError`) and safetensors (`SafetensorError`).
+_NO_SPACE_TEXTS = ("no space left", "os error 28", "quota", "os error 122", "file too large", "os error 27",
+                   "unexpected pos", "file write failed")  # fmt: skip
+
+
 def is_disk_full(error):
-    """Whether ``error`` (an `OSError`, or the `RuntimeError` torch's zip writer raises) is a write that ran out of
-    space: ``ENOSPC``/``EDQUOT``, or torch's writer failing on a file system that is (nearly) full."""
-    if isinstance(error, OSError):
+    """Whether ``error`` is a write that ran out of space (or of the allowed file size), whichever writer raised it."""
+    if isinstance(error, OSError) and error.errno is not None:
         return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+    return any(text in str(error).lower() for text in _NO_SPACE_TEXTS)
 
 
 def disk_full_message(folder, needed):
-    """One line for a full disk: the folder, the bytes the write needs and those free."""
+    """One line for a write that ran out of space: the folder, the bytes the write needs and those free."""
     free = shutil.disk_usage(folder).free
     return (
-        f"no space left in {folder}: the checkpoint needs about {needed:,} bytes and {free:,} are free; free some "
-        "space (or set train.save_total_limit to keep fewer checkpoints) and run again with --resume."
+        f"no space left to write a checkpoint in {folder}: it needs about {needed:,} bytes and {free:,} are free "
+        "(or the file-size limit is lower); free some space (or set train.save_total_limit to keep fewer "
+        "checkpoints) and run again with --resume."
     )
 
 

@@ -496,7 +496,7 @@ def _train(recipe, accelerator, resume, debug_dir):
             if accelerator.is_main_process:
                 write_atomically(target, write)
                 rotate_checkpoints(output_dir, settings.save_total_limit)
-        except (OSError, RuntimeError) as error:
+        except Exception as error:  # a failed write raises OSError, RuntimeError (torch) or SafetensorError
             shutil.rmtree(tmp_state, ignore_errors=True)
             if is_disk_full(error):
                 raise OutputFolderError(disk_full_message(output_dir, needed)) from None
