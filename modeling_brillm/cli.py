@@ -35,8 +35,17 @@ def run_command(run, parser, argv=None):
     except USER_ERRORS as error:
         if getattr(args, "debug", False):
             raise
+        _close_progress_bars()
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _close_progress_bars():
+    """End the progress bars an error interrupted, so that the error line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _generate(args):

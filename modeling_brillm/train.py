@@ -439,6 +439,9 @@ def _train(recipe, accelerator, resume, debug_dir):
 
     settings = recipe.train
     output_dir = Path(recipe.output_dir)
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        check_resume(recipe, checkpoint, accelerator.num_processes)
     set_seed(settings.seed)
     model, tokenizer, dataset = load_prepared(recipe, accelerator)
     train_set, valid_set = _as_tensors(dataset["train"]), _as_tensors(dataset["validation"])
@@ -461,9 +464,7 @@ def _train(recipe, accelerator, resume, debug_dir):
         accelerator.init_trackers(recipe.name, config={**asdict(recipe.data), **asdict(settings)})
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "log_history": []}
-    checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:
-        check_resume(recipe, checkpoint, accelerator.num_processes)
         accelerator.load_state(str(checkpoint / "accelerate"))
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
