@@ -16,6 +16,7 @@ line on stderr and exits with status 2; ``brillm --debug ...`` shows the traceba
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import corpora, evaluation, interpretation, preparation
 from . import train as train_cli
@@ -53,12 +54,15 @@ def _generate(args):
     from transformers import TextStreamer
 
     _check_generation_arguments(args)
+    config = Path(args.model_dir, "config.json")
+    if args.prompt_ids is not None and config.is_file():  # bad ids are refused before the weights are read
+        parse_token_ids(args.prompt_ids, json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
     model, tokenizer = evaluation.load_model_folder(
-        args.model_dir, need_tokenizer=False, allow_non_finite_weights=args.allow_non_finite_weights
+        args.model_dir,
+        tokenizer_needed="give --prompt-ids instead of --prompt" if args.prompt is not None else None,
+        allow_non_finite_weights=args.allow_non_finite_weights,
     )
     if args.prompt is not None:
-        if tokenizer is None:
-            raise ValueError(f"{args.model_dir} has no tokenizer; give --prompt-ids instead of --prompt.")
         input_ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
     else:
         input_ids = torch.tensor([parse_token_ids(args.prompt_ids, model.config.vocab_size)])

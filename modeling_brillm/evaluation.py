@@ -100,11 +100,12 @@ def evaluate_text(model, tokenizer, text, seq_len=32, batch_size=64):
     return {**result, "seq_len": seq_len}
 
 
-def load_model_folder(model_dir, need_tokenizer=True, allow_non_finite_weights=False):
+def load_model_folder(model_dir, tokenizer_needed="this command reads text", allow_non_finite_weights=False):
     """``(model, tokenizer)`` of a ``save_pretrained`` folder for the commands, with one clear `ValueError` for a
-    missing folder, a folder without a model, a missing tokenizer (when ``need_tokenizer``; else the tokenizer is
-    `None`) and a corrupt tokenizer file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    missing folder, a folder without a model, a corrupt tokenizer file and a missing tokenizer (the error ends with
+    ``tokenizer_needed``, the reason it is needed; with `None` the tokenizer is `None` then). Everything but the
+    weights is checked before they are read."""
+    from transformers import AutoModelForCausalLM
 
     from . import modeling_brillm  # noqa: F401  (registers BriLLM with the Auto classes)
 
@@ -113,11 +114,18 @@ def load_model_folder(model_dir, need_tokenizer=True, allow_non_finite_weights=F
         raise ValueError(f"{folder}: no such model folder.")
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a model folder (no config.json); give a save_pretrained folder.")
+    tokenizer = _load_tokenizer(folder, tokenizer_needed)
     model = AutoModelForCausalLM.from_pretrained(folder, allow_non_finite_weights=allow_non_finite_weights).eval()
+    return model, tokenizer
+
+
+def _load_tokenizer(folder, tokenizer_needed):
+    from transformers import AutoTokenizer
+
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        if need_tokenizer:
-            raise ValueError(f"{folder} has no tokenizer (no {' or '.join(TOKENIZER_FILES)}); this command needs one.")
-        return model, None
+        if tokenizer_needed:
+            raise ValueError(f"{folder} has no tokenizer (no {' or '.join(TOKENIZER_FILES)}): {tokenizer_needed}.")
+        return None
     for name in TOKENIZER_FILES:
         try:
             if (folder / name).is_file():
@@ -129,14 +137,16 @@ def load_model_folder(model_dir, need_tokenizer=True, allow_non_finite_weights=F
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, ... for a tokenizer it cannot read
         reason = " ".join(str(error).split())[:300]
         raise ValueError(f"cannot load the tokenizer of {folder} ({type(error).__name__}: {reason}).") from None
-    return model, tokenizer
+    return tokenizer
 
 
 def run(args):
     from .data import read_text
 
-    model, tokenizer = load_model_folder(args.model_dir, allow_non_finite_weights=args.allow_non_finite_weights)
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (one context token and one predicted token); got {args.seq_len}.")
     text = "".join(read_text(args.data))  # invalid UTF-8: `CorpusError` with the file and byte offset
+    model, tokenizer = load_model_folder(args.model_dir, allow_non_finite_weights=args.allow_non_finite_weights)
     print(json.dumps({"model": str(args.model_dir), "data": str(args.data), **evaluate_text(model, tokenizer, text, args.seq_len)}))
 
 
