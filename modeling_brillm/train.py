@@ -135,11 +135,12 @@ class Recipe:
         for name, allowed in choices.items():
             if getattr(settings, name) not in allowed:
                 raise ValueError(f"{path}: train.{name} must be one of {allowed}; got {getattr(settings, name)!r}.")
-        positive = ["batch_size", "gradient_accumulation_steps", "max_steps", "save_steps", "eval_steps", "log_steps"]
-        positive += ["max_eval_batches", "num_negatives"] + ["save_total_limit"] * (settings.save_total_limit is not None)
-        for name in positive:
-            if getattr(settings, name) < 1:
-                raise ValueError(f"{path}: train.{name} must be at least 1; got {getattr(settings, name)}.")
+        counts = ("batch_size", "gradient_accumulation_steps", "max_steps", "save_steps", "eval_steps", "log_steps",
+                  "max_eval_batches", "num_negatives", "save_total_limit")  # fmt: skip
+        for name in counts:
+            value = getattr(settings, name)
+            if value is not None and value < 1:  # 0 would divide by zero later, or never save
+                raise ValueError(f"{path}: train.{name} must be at least 1; got {value}.")
         if settings.learning_rate <= 0:
             raise ValueError(f"{path}: train.learning_rate must be positive; got {settings.learning_rate}.")
 
