@@ -119,10 +119,10 @@ def parse_token_ids(text, vocab_size):
 
 
 def _check_generation_arguments(args):
-    least = {"--max-new-tokens": (args.max_new_tokens, 1), "--num-beams": (args.num_beams, 1), "--top-k": (args.top_k, 1)}
-    for name, (value, minimum) in least.items():
-        if value is not None and value < minimum:
-            raise ValueError(f"{name} must be at least {minimum}; got {value}.")
+    counts = {"--max-new-tokens": args.max_new_tokens, "--num-beams": args.num_beams, "--top-k": args.top_k}
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1; got {value}.")
     if args.temperature is not None and not args.temperature > 0:
         raise ValueError(f"--temperature must be positive; got {args.temperature}.")
     if args.top_p is not None and not 0 < args.top_p <= 1:

@@ -15,8 +15,9 @@ samples of exactly ``seq_len`` tokens (reference: 32):
 
 - ``pack="blocks"`` (default): the tokens of each run of lines are cut into blocks that overlap by one token
   (block k+1 starts with the last token of block k), so every bigram of the run is predicted exactly once. A run
-  ends at a document separator and at the end of a `map` batch (``batch_size`` lines, 4096 by default): the
-  last block of a run is padded.
+  ends at a document separator and at the end of a `map` batch (``batch_size`` rows, 4096 by default: one row per
+  line, and a line longer than `MAX_ROW_CHARS` characters is one row per piece, see `load_text`): the last block
+  of a run is padded.
 - ``pack="lines"``: every line is its own run (sentence-bounded samples, as the reference trained on sentences).
 
 Columns: ``input_ids`` (int64, ``seq_len``; right-padded with the tokenizer's pad id), ``attention_mask`` (int8, 0
@@ -444,12 +445,10 @@ class _Packer:
 
     def _to_arrays(self, samples):
         """The collected samples as arrays of the output dtypes; empties ``samples``."""
-        L = self.seq_len
         dtypes = {"input_ids": np.int64, "attention_mask": np.int8, "labels": np.int64, "num_chars": np.int32}
-        arrays = {
-            name: np.array(values, dtype=dtypes[name]).reshape(-1, L) if name != "num_chars" else np.array(values, dtype=dtypes[name])
-            for name, values in samples.items()
-        }
+        arrays = {name: np.array(values, dtype=dtypes[name]) for name, values in samples.items()}
+        for name in ("input_ids", "attention_mask", "labels"):
+            arrays[name] = arrays[name].reshape(-1, self.seq_len)  # (samples, seq_len), also when there are none
         for values in samples.values():
             values.clear()
         return arrays

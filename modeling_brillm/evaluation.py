@@ -131,7 +131,8 @@ def _load_tokenizer(folder, tokenizer_needed):
             if (folder / name).is_file():
                 json.loads((folder / name).read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as error:
-            raise ValueError(f"{folder / name} is corrupt (not valid UTF-8 JSON: {error}); save the tokenizer again.") from None
+            message = f"{folder / name} is corrupt (not valid UTF-8 JSON: {error}); save the tokenizer again."
+            raise ValueError(message) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, ... for a tokenizer it cannot read
@@ -144,7 +145,7 @@ def run(args):
     from .data import read_text
 
     if args.seq_len < 2:
-        raise ValueError(f"--seq-len must be at least 2 (one context token and one predicted token); got {args.seq_len}.")
+        raise ValueError(f"--seq-len must be at least 2 (one context token, one predicted); got {args.seq_len}.")
     text = "".join(read_text(args.data))  # invalid UTF-8: `CorpusError` with the file and byte offset
     model, tokenizer = load_model_folder(args.model_dir, allow_non_finite_weights=args.allow_non_finite_weights)
     print(json.dumps({"model": str(args.model_dir), "data": str(args.data), **evaluate_text(model, tokenizer, text, args.seq_len)}))
