@@ -721,7 +721,8 @@ class BriLLMPreTrainedModel(PreTrainedModel):
         values raise `ValueError` unless ``allow_non_finite_weights=True`` (then a warning names them)."""
         model = super().from_pretrained(*args, **kwargs)
         model.get_edge_graph().check()
-        _check_finite_weights(model, args[0] if args else kwargs.get("pretrained_model_name_or_path"), allow_non_finite_weights)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        _check_finite_weights(model, source, allow_non_finite_weights)
         return model
 
     @staticmethod
