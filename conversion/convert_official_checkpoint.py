@@ -18,19 +18,27 @@ Only this folder knows the reference layout; everything else uses the Hugging Fa
 """
 
 import argparse
+import fnmatch
 import json
-import os
-import shutil
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from modeling_brillm.modeling_brillm import count_non_finite  # noqa: E402
+from modeling_brillm.output_folders import staged_folder  # noqa: E402
+
 REFERENCE_KEYS = ("positions", "weights", "biases", "node_bias")
 REFERENCE_CONTEXT_LENGTH = 32  # the reference models were trained on 32-token samples
+# What a conversion writes (save_pretrained, tokenizer, card): a folder holding anything else is never replaced.
+CONVERSION_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "README.md", "*.py",
+)  # fmt: skip
 
 
 class ConversionError(ValueError):
@@ -137,16 +145,10 @@ def read_checkpoint(path):
     for key in REFERENCE_KEYS:
         if not state[key].is_floating_point():
             raise ConversionError(f"{path}: {key} has dtype {state[key].dtype}; the reference stores float tensors.")
-        bad = _count_non_finite(state[key])
+        bad = count_non_finite(state[key])
         if bad:
             raise ConversionError(f"{path}: {key} holds {bad:,} NaN or infinite values; the file is corrupted.")
     return state
-
-
-def _count_non_finite(tensor, block=1 << 24):
-    """Non-finite values, counted in blocks (no full-size temporary)."""
-    flat = tensor.reshape(-1)
-    return sum(int((~torch.isfinite(flat[i : i + block])).sum()) for i in range(0, flat.numel(), block))
 
 
 def convert(
@@ -166,7 +168,6 @@ def convert(
     Everything is checked before anything is written; the folder is assembled next to ``output`` and renamed
     into place at the end (replacing an earlier conversion there).
     """
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from modeling_brillm import BriLLMConfig, BriLLMForCausalLM, __version__
     from modeling_brillm.hub_brillm import write_model_card
     from modeling_brillm.tokenization_brillm import (
@@ -195,9 +196,9 @@ def convert(
     row_ptr, col_idx = read_slot_map(frequencies, vocab, vocab_path)
     if weights.shape[0] != 1 + col_idx.numel():
         raise ConversionError(
-            f"{checkpoint} has {weights.shape[0]} slots but {frequencies} gives {col_idx.numel()} non-zero pairs: "
-            f"expected weights.shape[0] == 1 + {col_idx.numel()}. The checkpoint and the frequency file do not "
-            "belong together."
+            f"{checkpoint} has {weights.shape[0]} slots but {frequencies} gives {col_idx.numel()} non-zero pairs, "
+            f"which need 1 + {col_idx.numel()} = {1 + col_idx.numel()} slots (the shared slot 0 and one per pair). "
+            "The checkpoint and the frequency file do not belong together."
         )
     if tokenizer_json is not None:
         tokenizer = tokenizer_from_json(tokenizer_json, vocab)
@@ -244,51 +245,38 @@ def convert(
         f"{'forward (training)' if position_shift == 1 else 'decoder'}; `suppress_self_loop=True`: like the "
         "reference decoder, generation never proposes the current token again."
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
-    try:
-        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
+    with staged_folder(output) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             save_tokenizer(tokenizer, staging, context_length=REFERENCE_CONTEXT_LENGTH)
         write_model_card(staging, config, made_from=made_from, language=language, license=license)
-        replace_folder(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return model
 
 
 def check_output_folder(output):
-    """Refuse an ``output`` that is a file, or a non-empty folder that does not hold a BriLLM checkpoint."""
+    """Refuse an ``output`` that is a file, or a non-empty folder that holds anything but an earlier conversion: a
+    BriLLM ``config.json`` and only the files of `CONVERSION_FILES` (a training output, with its checkpoints, is
+    never replaced)."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ConversionError(f"{output} exists and is not a folder.")
-    if output.is_dir() and any(output.iterdir()):
-        config = output / "config.json"
-        if not config.is_file() or read_json(config).get("model_type") != "brillm":
-            raise ConversionError(
-                f"{output} is a non-empty folder without a BriLLM checkpoint; refusing to replace it (choose a new "
-                "--output)."
-            )
-
-
-def current_umask():
-    """The process's file-creation mask (new files get ``0o666 & ~mask``, folders ``0o777 & ~mask``)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def replace_folder(staging, output):
-    """Move the finished folder ``staging`` to ``output``, replacing an earlier checkpoint there."""
-    if not output.exists():
-        os.rename(staging, output)
+    if not output.is_dir() or not any(output.iterdir()):
         return
-    previous = staging.with_name(staging.name + ".previous")
-    os.rename(output, previous)
-    os.rename(staging, output)
-    shutil.rmtree(previous)
+    config = output / "config.json"
+    if not config.is_file() or read_json(config).get("model_type") != "brillm":
+        raise ConversionError(
+            f"{output} is a non-empty folder without a BriLLM checkpoint; refusing to replace it (choose a new --output)."
+        )
+    foreign = sorted(
+        path.name
+        for path in output.iterdir()
+        if path.is_dir() or not any(fnmatch.fnmatch(path.name, pattern) for pattern in CONVERSION_FILES)
+    )
+    if foreign:
+        raise ConversionError(
+            f"{output} holds {output / foreign[0]}, which a conversion does not write ({len(foreign)} such entries, "
+            "e.g. training checkpoints); refusing to replace it (choose a new --output)."
+        )
 
 
 def main(argv=None):

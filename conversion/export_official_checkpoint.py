@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from convert_official_checkpoint import REFERENCE_KEYS, ConversionError, current_umask
+from convert_official_checkpoint import REFERENCE_KEYS, ConversionError
+
+from modeling_brillm.output_folders import current_umask
 
 
 def check_safetensors(path):

@@ -8,34 +8,64 @@
     brillm prepare --corpus data/bundled/en --output outputs/prepared-en [--tokenizer char|bpe] [--vocab-size N]
     brillm prepare-corpus {en,zh,zh-poetry,bundled} --output data/en
     brillm push MODEL_DIR user/brillm-en [--private] [--revision BRANCH]
+
+A user error (bad arguments or input files, a folder that cannot be written safely) prints one ``error: ...``
+line on stderr and exits with status 2; ``brillm --debug ...`` shows the traceback instead.
 """
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import corpora, evaluation, interpretation, preparation
 from . import train as train_cli
+from .corpora import CorpusFetchError
+from .hub_brillm import PushError
+
+# Errors that mean bad input, not a bug: each carries a message that names the input and what to do.
+USER_ERRORS = (ValueError, OSError, PushError, CorpusFetchError, train_cli.TrainingDiverged)
+
+
+def run_command(run, parser, argv=None):
+    """Parse ``argv`` and call ``run(args)``; a `USER_ERRORS` error becomes one ``error:`` line on stderr and
+    ``SystemExit(2)`` (its traceback with ``--debug``)."""
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except USER_ERRORS as error:
+        if getattr(args, "debug", False):
+            raise
+        _close_progress_bars()
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _close_progress_bars():
+    """End the progress bars an error interrupted, so that the error line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _generate(args):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
-    import modeling_brillm  # noqa: F401  (registers BriLLM with the Auto classes)
-
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
-    tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=False)
-    except (OSError, ValueError, TypeError):
-        pass  # a converted model whose vocabulary had no tokenizer: ids only
+    _check_generation_arguments(args)
+    config = Path(args.model_dir, "config.json")
+    if args.prompt_ids is not None and config.is_file():  # bad ids are refused before the weights are read
+        parse_token_ids(args.prompt_ids, json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
+    model, tokenizer = evaluation.load_model_folder(
+        args.model_dir,
+        tokenizer_needed="give --prompt-ids instead of --prompt" if args.prompt is not None else None,
+        allow_non_finite_weights=args.allow_non_finite_weights,
+    )
     if args.prompt is not None:
-        if tokenizer is None:
-            raise SystemExit(f"error: {args.model_dir} has no tokenizer; give --prompt-ids instead of --prompt.")
         input_ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
     else:
-        input_ids = torch.tensor([[int(i) for i in args.prompt_ids.split(",")]])
+        input_ids = torch.tensor([parse_token_ids(args.prompt_ids, model.config.vocab_size)])
     id_to_token = None
     if args.vocab:
         with open(args.vocab, encoding="utf-8") as f:
@@ -63,25 +93,59 @@ def _generate(args):
         print(tokenizer.decode(ids, skip_special_tokens=True))
 
 
-def _push(args):
-    from .hub_brillm import PushError, push_folder
+def parse_token_ids(text, vocab_size):
+    """``"17,61,61"`` -> ``[17, 61, 61]``; `ValueError` for anything but comma-separated ids in ``[0, vocab_size)``.
 
+    Example:
+
+    ```python
+    >>> parse_token_ids("5, 2", vocab_size=10)
+    [5, 2]
+    >>> parse_token_ids("5,-2", vocab_size=10)
+    Traceback (most recent call last):
+    ...
+    ValueError: --prompt-ids: token id -2 is outside [0, 10) (the model's vocabulary).
+
+    ```
+    """
     try:
-        url = push_folder(
-            args.model_dir,
-            args.repo_id,
-            private=args.private or None,
-            revision=args.revision,
-            token=args.token,
-            commit_message=args.commit_message,
-        )
-    except PushError as error:
-        raise SystemExit(f"error: {error}") from None
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers; got {text!r}.") from None
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"--prompt-ids: token id {bad} is outside [0, {vocab_size}) (the model's vocabulary).")
+    return ids
+
+
+def _check_generation_arguments(args):
+    counts = {"--max-new-tokens": args.max_new_tokens, "--num-beams": args.num_beams, "--top-k": args.top_k}
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1; got {value}.")
+    if args.temperature is not None and not args.temperature > 0:
+        raise ValueError(f"--temperature must be positive; got {args.temperature}.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1]; got {args.top_p}.")
+
+
+def _push(args):
+    from .hub_brillm import push_folder
+
+    url = push_folder(
+        args.model_dir,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        token=args.token,
+        commit_message=args.commit_message,
+    )
     print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="brillm", description="BriLLM graph language models")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="continue a prompt with a saved model")
@@ -97,6 +161,9 @@ def main(argv=None):
     generate.add_argument("--top-p", type=float, help="nucleus sampling threshold")
     generate.add_argument("--num-beams", type=int, default=1)
     generate.add_argument("--seed", type=int)
+    generate.add_argument(
+        "--allow-non-finite-weights", action="store_true", help="load a checkpoint holding NaN or infinite weights"
+    )
     generate.set_defaults(run=_generate)
 
     train = commands.add_parser("train", help="pre-train from a recipe (configuration/train/*.yaml)")
@@ -128,8 +195,7 @@ def main(argv=None):
     push.add_argument("--commit-message")
     push.set_defaults(run=_push)
 
-    args = parser.parse_args(argv)
-    args.run(args)
+    run_command(lambda args: args.run(args), parser, argv)
 
 
 if __name__ == "__main__":

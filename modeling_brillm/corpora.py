@@ -527,11 +527,8 @@ def build_parser(parser):
 
 
 def run(args):
-    """``brillm prepare-corpus``: `fetch_corpus` with the command's arguments; failures exit with their message."""
-    try:
-        fetch_corpus(args.target, args.output, cache_dir=args.cache_dir)
-    except (CorpusFetchError, CorpusError) as error:
-        raise SystemExit(f"error: {error}") from None
+    """``brillm prepare-corpus``: `fetch_corpus` with the command's arguments (failures: one ``error:`` line)."""
+    fetch_corpus(args.target, args.output, cache_dir=args.cache_dir)
 
 
 def _write_documents(path, documents):

@@ -15,8 +15,9 @@ samples of exactly ``seq_len`` tokens (reference: 32):
 
 - ``pack="blocks"`` (default): the tokens of each run of lines are cut into blocks that overlap by one token
   (block k+1 starts with the last token of block k), so every bigram of the run is predicted exactly once. A run
-  ends at a document separator and at the end of a `map` batch (``batch_size`` lines, 4096 by default): the
-  last block of a run is padded.
+  ends at a document separator and at the end of a `map` batch (``batch_size`` rows, 4096 by default: one row per
+  line, and a line longer than `MAX_ROW_CHARS` characters is one row per piece, see `load_text`): the last block
+  of a run is padded.
 - ``pack="lines"``: every line is its own run (sentence-bounded samples, as the reference trained on sentences).
 
 Columns: ``input_ids`` (int64, ``seq_len``; right-padded with the tokenizer's pad id), ``attention_mask`` (int8, 0
@@ -48,9 +49,13 @@ import codecs
 import os
 from pathlib import Path
 
+import numpy as np
+
 DOCUMENT_SEPARATOR = "<|endoftext|>"
 PACKING_MODES = ("blocks", "lines")
 _CHUNK_BYTES = 1 << 20
+_ENCODE_CHARS = 1 << 18  # rows are tokenized together up to this many characters
+MAX_ROW_CHARS = 1 << 12  # a longer line is split into rows of at most this many characters (`split_line`)
 
 
 class CorpusError(ValueError):
@@ -155,9 +160,10 @@ def read_text(path, encoding_errors="strict"):
         raise CorpusError(f"{path} is empty (no text besides whitespace): remove it from the corpus.")
 
 
-def iter_lines(path, encoding_errors="strict", skip_separators=True):
+def iter_lines(path, encoding_errors="strict", skip_separators=True, max_chars=None):
     """Yield the lines of a text file, each ending in ``"\\n"``; document separator lines are skipped unless
-    ``skip_separators=False``. Same checks as `read_text`.
+    ``skip_separators=False``. Same checks as `read_text`. With ``max_chars``, a longer line comes in pieces
+    (`split_line`; only the last ends in ``"\\n"``), so memory stays bounded whatever the line length.
 
     Example:
 
@@ -165,21 +171,62 @@ def iter_lines(path, encoding_errors="strict", skip_separators=True):
     >>> import tempfile
     >>> from pathlib import Path
     >>> path = Path(tempfile.mkdtemp()) / "a.txt"
-    >>> _ = path.write_text("one\\n<|endoftext|>\\ntwo")
+    >>> _ = path.write_text("one\\n<|endoftext|>\\ntwo three four")
     >>> list(iter_lines(path)), len(list(iter_lines(path, skip_separators=False)))
-    (['one\\n', 'two\\n'], 3)
+    (['one\\n', 'two three four\\n'], 3)
+    >>> list(iter_lines(path, max_chars=8))
+    ['one\\n', 'two', ' three', ' four\\n']
 
     ```
     """
-    rest = ""
+    parts = []  # the current line so far, one string per chunk (joined once: no quadratic concatenation)
+    pending = 0
     for text in read_text(path, encoding_errors):
-        lines = (rest + text).split("\n")
-        rest = lines.pop()
-        for line in lines:
+        lines = text.split("\n")
+        for line in lines[:-1]:
+            parts.append(line)
+            line = "".join(parts) + "\n"
+            parts, pending = [], 0
             if not (skip_separators and line.strip() == DOCUMENT_SEPARATOR):
-                yield line + "\n"
+                yield from split_line(line, max_chars) if max_chars else (line,)
+        parts.append(lines[-1])
+        pending += len(lines[-1])
+        if max_chars and pending > 2 * max_chars:  # a very long line: give out its complete pieces now
+            pieces = split_line("".join(parts), max_chars)
+            yield from pieces[:-1]
+            parts, pending = [pieces[-1]], len(pieces[-1])
+    rest = "".join(parts)
     if rest and not (skip_separators and rest.strip() == DOCUMENT_SEPARATOR):
-        yield rest + "\n"
+        yield from split_line(rest + "\n", max_chars) if max_chars else (rest + "\n",)
+
+
+def split_line(line, max_chars=None):
+    """``line`` cut into pieces of at most ``max_chars`` characters (default `MAX_ROW_CHARS`), each cut made
+    before a space that follows a non-space where the piece has one, so that word-level pre-tokenization (byte-level
+    BPE) gives the same tokens piece by piece as on the whole line. A line that fits is returned whole.
+
+    Example:
+
+    ```python
+    >>> split_line("the cat sat on\\n", max_chars=8)
+    ['the cat', ' sat on\\n']
+    >>> split_line("abcdefg", max_chars=3)
+    ['abc', 'def', 'g']
+
+    ```
+    """
+    max_chars = max_chars or MAX_ROW_CHARS
+    pieces, start = [], 0
+    while len(line) - start > max_chars:
+        end = start + max_chars
+        cut = line.rfind(" ", start + 1, end + 1)
+        while cut > start and line[cut - 1].isspace():
+            cut = line.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else end
+        pieces.append(line[start:cut])
+        start = cut
+    pieces.append(line[start:])
+    return pieces
 
 
 def write_corpus_split(train_files, valid_files, output_dir, validation_fraction=0.05, encoding_errors="strict"):
@@ -303,7 +350,12 @@ def load_text(text_dir, streaming=False, cache_dir=None):
     """``load_dataset("text")`` of ``text_dir/train.txt`` and ``text_dir/valid.txt`` (splits ``train`` and
     ``validation``), one row per line with its ``"\\n"`` kept. Works offline (``HF_DATASETS_OFFLINE=1``).
     ``streaming=True`` returns an `IterableDatasetDict` that reads the files lazily. See the module docstring for
-    an example with `tokenize_and_pack`."""
+    an example with `tokenize_and_pack`.
+
+    A line longer than `MAX_ROW_CHARS` characters spans several rows (`split_line`; only the last ends in
+    ``"\\n"``), so that a `map` batch holds at most ``batch_size * MAX_ROW_CHARS`` characters, whatever the
+    length of a line."""
+    import pyarrow.compute as pc
     from datasets import load_dataset
 
     text_dir = Path(text_dir)
@@ -311,7 +363,15 @@ def load_text(text_dir, streaming=False, cache_dir=None):
     for path in data_files.values():
         if not Path(path).is_file():
             raise CorpusError(f"{path} is missing: write it with write_corpus_split() (or `brillm prepare`).")
-    return load_dataset("text", data_files=data_files, keep_linebreaks=True, streaming=streaming, cache_dir=cache_dir)
+    dataset = load_dataset("text", data_files=data_files, keep_linebreaks=True, streaming=streaming, cache_dir=cache_dir)
+    for name, split in dataset.items():
+        if streaming or len(split) and pc.max(pc.utf8_length(split.data.column("text"))).as_py() > MAX_ROW_CHARS:
+            dataset[name] = split.map(_split_rows, batched=True, batch_size=64)
+    return dataset
+
+
+def _split_rows(batch):
+    return {"text": [piece for line in batch["text"] for piece in split_line(line)]}
 
 
 def tokenize_and_pack(dataset, tokenizer, seq_len=32, pack="blocks", num_proc=None, batch_size=4096):
@@ -336,8 +396,8 @@ def tokenize_and_pack(dataset, tokenizer, seq_len=32, pack="blocks", num_proc=No
             "num_chars": Value("int32"),
         }
     )
-    packer = _Packer(tokenizer.backend_tokenizer, tokenizer.pad_token_id, seq_len, pack)
     streaming = isinstance(dataset, (IterableDataset, IterableDatasetDict))
+    packer = _Packer(tokenizer.backend_tokenizer, tokenizer.pad_token_id, seq_len, pack, as_lists=streaming)
     options = {"batched": True, "batch_size": batch_size, "remove_columns": ["text"], "features": features}
     if not streaming:
         options.update(num_proc=num_proc, desc="tokenize and pack")
@@ -347,35 +407,59 @@ def tokenize_and_pack(dataset, tokenizer, seq_len=32, pack="blocks", num_proc=No
 
 
 class _Packer:
-    """The batched `map` function: lines in, fixed-length samples out (picklable for ``num_proc``)."""
+    """The batched `map` function: lines in, fixed-length samples out (picklable for ``num_proc``).
 
-    def __init__(self, tokenizer, pad_token_id, seq_len, pack):
+    Rows are encoded in groups of at most ``_ENCODE_CHARS`` characters and full blocks leave the current run as
+    soon as they are complete, so the memory of a call grows with its output, never with the length of a run."""
+
+    def __init__(self, tokenizer, pad_token_id, seq_len, pack, as_lists=False):
         self.tokenizer, self.pad_token_id, self.seq_len, self.pack = tokenizer, pad_token_id, seq_len, pack
+        self.as_lists = as_lists  # streaming `map` hands rows on as returned: lists there, like a stored dataset
 
     def __call__(self, batch):
         samples = {"input_ids": [], "attention_mask": [], "labels": [], "num_chars": []}
-        lines = [line for line in batch["text"] if line.strip() != DOCUMENT_SEPARATOR]
-        separators = [line.strip() == DOCUMENT_SEPARATOR for line in batch["text"]]
-        encodings = iter(self.tokenizer.encode_batch(lines, add_special_tokens=False))
+        packed = []  # the samples of each group as numpy arrays (a tenth of the memory of Python lists)
         ids, ends, start = [], [], 0  # the current run: token ids, their end characters, the run's length so far
-        for is_separator, line in zip(separators, batch["text"]):
-            if is_separator:
-                self._emit(ids, ends, samples)
-                ids, ends, start = [], [], 0
-                continue
-            encoding = next(encodings)
-            ids.extend(encoding.ids)
-            ends.extend(start + end for _, end in encoding.offsets)
-            start += len(line)
-            if self.pack == "lines":
-                self._emit(ids, ends, samples)
-                ids, ends, start = [], [], 0
+        for group in _groups(batch["text"]):
+            lines = [line for line in group if line.strip() != DOCUMENT_SEPARATOR]
+            encodings = iter(self.tokenizer.encode_batch(lines, add_special_tokens=False))
+            for line in group:
+                if line.strip() == DOCUMENT_SEPARATOR:
+                    self._emit(ids, ends, samples)
+                    ids, ends, start = [], [], 0
+                    continue
+                encoding = next(encodings)
+                ids.extend(encoding.ids)
+                ends.extend(start + end for _, end in encoding.offsets)
+                start += len(line)
+                if self.pack == "lines" and line.endswith("\n"):  # a row without "\n" is a piece of a long line
+                    self._emit(ids, ends, samples)
+                    ids, ends, start = [], [], 0
+            done = self._emit(ids, ends, samples, complete_only=True)
+            ids, ends = ids[done:], ends[done:]
+            packed.append(self._to_arrays(samples))
         self._emit(ids, ends, samples)
-        return samples
+        packed.append(self._to_arrays(samples))
+        arrays = {name: np.concatenate([part[name] for part in packed]) for name in packed[0]}
+        return {name: array.tolist() for name, array in arrays.items()} if self.as_lists else arrays
 
-    def _emit(self, ids, ends, samples):
+    def _to_arrays(self, samples):
+        """The collected samples as arrays of the output dtypes; empties ``samples``."""
+        dtypes = {"input_ids": np.int64, "attention_mask": np.int8, "labels": np.int64, "num_chars": np.int32}
+        arrays = {name: np.array(values, dtype=dtypes[name]) for name, values in samples.items()}
+        for name in ("input_ids", "attention_mask", "labels"):
+            arrays[name] = arrays[name].reshape(-1, self.seq_len)  # (samples, seq_len), also when there are none
+        for values in samples.values():
+            values.clear()
+        return arrays
+
+    def _emit(self, ids, ends, samples, complete_only=False):
+        """Append the blocks of a run (all of them, or only those followed by more tokens of it); returns the
+        number of leading tokens no later block needs."""
         L, stride = self.seq_len, self.seq_len - 1
-        for begin in range(0, len(ids) - 1, stride):
+        last = len(ids) - L if complete_only else len(ids) - 1
+        begin = 0
+        for begin in range(0, max(last, 0), stride):
             block = ids[begin : begin + L]
             n = len(block)
             padding = [self.pad_token_id] * (L - n)
@@ -383,15 +467,32 @@ class _Packer:
             samples["attention_mask"].append([1] * n + [0] * (L - n))
             samples["labels"].append(block + [-100] * (L - n))
             samples["num_chars"].append(ends[begin + n - 1] - ends[begin])
+        return begin + stride if last > 0 else 0
+
+
+def _groups(rows, max_chars=None):
+    """Consecutive rows in groups of at most ``max_chars`` characters (``_ENCODE_CHARS``; a longer row alone)."""
+    max_chars = max_chars or _ENCODE_CHARS
+    group, size = [], 0
+    for row in rows:
+        if group and size + len(row) > max_chars:
+            yield group
+            group, size = [], 0
+        group.append(row)
+        size += len(row)
+    if group:
+        yield group
 
 
 __all__ = [
     "DOCUMENT_SEPARATOR",
     "CorpusError",
     "corpus_files",
+    "MAX_ROW_CHARS",
     "iter_lines",
     "load_text",
     "read_text",
+    "split_line",
     "tokenize_and_pack",
     "write_corpus_split",
 ]

@@ -10,9 +10,12 @@ total negative log-likelihood (in bits) by the characters of the scored tokens.
 
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def character_lengths(tokenizer, vocab_size):
@@ -97,15 +100,54 @@ def evaluate_text(model, tokenizer, text, seq_len=32, batch_size=64):
     return {**result, "seq_len": seq_len}
 
 
-def run(args):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_folder(model_dir, tokenizer_needed="this command reads text", allow_non_finite_weights=False):
+    """``(model, tokenizer)`` of a ``save_pretrained`` folder for the commands, with one clear `ValueError` for a
+    missing folder, a folder without a model, a corrupt tokenizer file and a missing tokenizer (the error ends with
+    ``tokenizer_needed``, the reason it is needed; with `None` the tokenizer is `None` then). Everything but the
+    weights is checked before they are read."""
+    from transformers import AutoModelForCausalLM
 
     from . import modeling_brillm  # noqa: F401  (registers BriLLM with the Auto classes)
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    with open(args.data, encoding="utf-8") as f:
-        text = f.read()
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such model folder.")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a model folder (no config.json); give a save_pretrained folder.")
+    tokenizer = _load_tokenizer(folder, tokenizer_needed)
+    model = AutoModelForCausalLM.from_pretrained(folder, allow_non_finite_weights=allow_non_finite_weights).eval()
+    return model, tokenizer
+
+
+def _load_tokenizer(folder, tokenizer_needed):
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if tokenizer_needed:
+            raise ValueError(f"{folder} has no tokenizer (no {' or '.join(TOKENIZER_FILES)}): {tokenizer_needed}.")
+        return None
+    for name in TOKENIZER_FILES:
+        try:
+            if (folder / name).is_file():
+                json.loads((folder / name).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            message = f"{folder / name} is corrupt (not valid UTF-8 JSON: {error}); save the tokenizer again."
+            raise ValueError(message) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError, ... for a tokenizer it cannot read
+        reason = " ".join(str(error).split())[:300]
+        raise ValueError(f"cannot load the tokenizer of {folder} ({type(error).__name__}: {reason}).") from None
+    return tokenizer
+
+
+def run(args):
+    from .data import read_text
+
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (one context token, one predicted); got {args.seq_len}.")
+    text = "".join(read_text(args.data))  # invalid UTF-8: `CorpusError` with the file and byte offset
+    model, tokenizer = load_model_folder(args.model_dir, allow_non_finite_weights=args.allow_non_finite_weights)
     print(json.dumps({"model": str(args.model_dir), "data": str(args.data), **evaluate_text(model, tokenizer, text, args.seq_len)}))
 
 
@@ -113,4 +155,7 @@ def build_parser(parser):
     parser.add_argument("model_dir", help="a save_pretrained folder with a tokenizer")
     parser.add_argument("--data", required=True, help="a UTF-8 text file")
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per evaluation window (reference samples: 32)")
+    parser.add_argument(
+        "--allow-non-finite-weights", action="store_true", help="load a checkpoint holding NaN or infinite weights"
+    )
     return parser

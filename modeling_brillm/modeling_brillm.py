@@ -20,7 +20,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.logits_process import LogitsProcessor
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_brillm import BriLLMConfig
 from .graph_brillm import BriLLMEdgeGraph
@@ -36,6 +36,8 @@ from .signal_brillm import (
     gelu,
     sinusoidal_positions,
 )
+
+logger = logging.get_logger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
@@ -95,9 +97,14 @@ class BriLLMPreTrainedModel(PreTrainedModel):
                 module.positions.fill_(self.config.position_init)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, *args, allow_non_finite_weights=False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then the slot map is checked and so are the weights: NaN or infinite
+        values raise `ValueError` unless ``allow_non_finite_weights=True`` (then a warning names them)."""
         loaded = super().from_pretrained(*args, **kwargs)  # (model, loading_info) with output_loading_info=True
-        (loaded[0] if isinstance(loaded, tuple) else loaded).get_edge_graph().check()
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.get_edge_graph().check()
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        _check_finite_weights(model, source, allow_non_finite_weights)
         return loaded
 
     @staticmethod
@@ -632,9 +639,12 @@ def _check_checkpoint_fits_config(model, load_config, loading_info):
             saved["vocab_size"] = checkpoint_shape[0] - (name == "graph.row_ptr")
         elif name == "positions":
             saved["max_position_embeddings"] = checkpoint_shape[1]
-    for key in sorted(getattr(loading_info, "missing_keys", ())):  # a dense slot map follows from the config
-        if (key[len(prefix) :] if key.startswith(prefix) else key).startswith("graph.") and not config.is_dense:
+    for key in sorted(getattr(loading_info, "missing_keys", ())):
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if name.startswith("graph.") and not config.is_dense:  # a dense slot map follows from the config
             problems.append(f"{key} (the slot map of this sparse graph) is missing from the checkpoint")
+        elif name in ("weights", "biases", "node_bias", "positions"):  # never re-initialised at random in silence
+            problems.append(f"{key} is missing from the checkpoint")
     if problems:
         hint = ", ".join(f"{name}={value} (config.json: {getattr(config, name)})" for name, value in saved.items())
         raise ValueError(
@@ -645,6 +655,27 @@ def _check_checkpoint_fits_config(model, load_config, loading_info):
             + " A BriLLM config.json must match the weights and slot map saved with it; do not edit num_slots "
             "or vocab_size by hand."
         )
+
+
+def count_non_finite(tensor, block=1 << 24):
+    """NaN and infinite values of ``tensor``, counted in blocks (no full-size temporary)."""
+    flat = tensor.detach().reshape(-1)
+    return sum(int((~torch.isfinite(flat[i : i + block])).sum()) for i in range(0, flat.numel(), block))
+
+
+def _check_finite_weights(model, source, allow):
+    """Raise `ValueError` naming ``source`` and the tensors holding NaN or infinite values (only warn if ``allow``)."""
+    bad = {name: count_non_finite(p) for name, p in model.named_parameters() if p.is_floating_point()}
+    bad = {name: count for name, count in bad.items() if count}
+    if not bad:
+        return
+    found = ", ".join(f"{name} ({count:,})" for name, count in bad.items())
+    if not allow:
+        raise ValueError(
+            f"{source}: NaN or infinite weights in {found}; the checkpoint is corrupted or its training diverged. "
+            "Load it anyway with allow_non_finite_weights=True (--allow-non-finite-weights)."
+        )
+    logger.warning(f"{source}: loaded NaN or infinite weights in {found}; its outputs will be NaN.")
 
 
 BriLLMModel.register_for_auto_class("AutoModel")

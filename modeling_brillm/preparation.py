@@ -33,7 +33,6 @@ Example (a few seconds; `brillm prepare --corpus data/bundled/en --output DIR` i
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -41,13 +40,24 @@ from pathlib import Path
 import torch
 
 from .configuration_brillm import BriLLMConfig
-from .data import PACKING_MODES, CorpusError, corpus_files, iter_lines, load_text, tokenize_and_pack, write_corpus_split
+from .data import (
+    MAX_ROW_CHARS,
+    PACKING_MODES,
+    CorpusError,
+    corpus_files,
+    iter_lines,
+    load_text,
+    tokenize_and_pack,
+    write_corpus_split,
+)
 from .graph_building import BigramCounter, build_graph, graph_statistics
 from .hub_brillm import write_model_card
 from .modeling_brillm import BriLLMForCausalLM
+from .output_folders import OutputFolderError, files_under, staged_folder
 from .tokenization_brillm import save_tokenizer, train_bpe_tokenizer, train_character_tokenizer
 
 TOKENIZERS = ("char", "bpe")
+MANIFEST = "prepare.json"
 _PARALLEL_BYTES = 4 << 20  # tokenize in worker processes only when the training text is at least this large
 
 
@@ -74,7 +84,9 @@ def prepare_corpus(
     Args:
         corpus: text files or folders (`corpus_files`). A single folder holding ``train.txt`` and ``valid.txt``
             (as ``brillm prepare-corpus`` writes) uses those two as the splits.
-        output_dir: the folder to write (see the module docstring for its layout); existing parts are replaced.
+        output_dir: the folder to write (see the module docstring for its layout). It is built next to its place
+            and swapped in at the end, so a failure leaves an earlier output as it was; an existing folder is only
+            replaced when it holds nothing but an earlier output (`check_output_folder`).
         valid: validation files or folders; without them (and without a ``valid.txt``) the last
             ``validation_fraction`` of the lines of every document is held out.
         tokenizer: ``"char"`` (one token per character, ``vocab_size`` a cap) or ``"bpe"`` (byte-level BPE of
@@ -88,12 +100,33 @@ def prepare_corpus(
         log: ``print``-like callable for progress lines, or `None`.
 
     Returns:
-        The report also written to ``prepare.json``, with the graph statistics under ``"graph"``.
+        The report also written to ``prepare.json``, with the graph statistics under ``"graph"`` and the written
+        files under ``"files"``.
     """
     say = log or (lambda *args: None)
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {TOKENIZERS}; got {tokenizer!r}.")
+    _check_settings(
+        tokenizer, vocab_size, seq_len, pack, min_edge_count, max_edges_per_source, hidden_size,
+        max_position_embeddings, validation_fraction, encoding_errors, num_proc,
+    )  # fmt: skip
     output_dir = Path(output_dir)
+    train_files, valid_files = _splits(corpus, valid)
+    check_output_folder(output_dir)
+    with staged_folder(output_dir) as staging:
+        report = _prepare_into(
+            staging, output_dir, train_files, valid_files, say, tokenizer=tokenizer, vocab_size=vocab_size,
+            seq_len=seq_len, pack=pack, min_edge_count=min_edge_count, max_edges_per_source=max_edges_per_source,
+            hidden_size=hidden_size, max_position_embeddings=max_position_embeddings,
+            validation_fraction=validation_fraction, encoding_errors=encoding_errors, num_proc=num_proc, seed=seed,
+        )  # fmt: skip
+    say(f"done in {report['timings_s']['total']:.1f} s -> {output_dir}")
+    return report
+
+
+def _prepare_into(
+    staging, output_dir, train_files, valid_files, say, *, tokenizer, vocab_size, seq_len, pack, min_edge_count,
+    max_edges_per_source, hidden_size, max_position_embeddings, validation_fraction, encoding_errors, num_proc, seed,
+):  # fmt: skip
+    """The work of `prepare_corpus`, written into the empty folder ``staging`` (messages name ``output_dir``)."""
     timings, started = {}, time.perf_counter()
 
     def lap(name):
@@ -102,21 +135,20 @@ def prepare_corpus(
         timings[name] = round(now - started, 3)
         started = now
 
-    train_files, valid_files = _splits(corpus, valid)
-    text_dir = output_dir / "text"
+    text_dir = staging / "text"
     corpus_summary = write_corpus_split(train_files, valid_files, text_dir, validation_fraction, encoding_errors)
-    say(f"corpus: {_describe(corpus_summary)} -> {text_dir}")
+    say(f"corpus: {_describe(corpus_summary)} -> {output_dir / 'text'}")
     lap("text")
 
-    lines = iter_lines(text_dir / "train.txt")
+    lines = iter_lines(text_dir / "train.txt", max_chars=MAX_ROW_CHARS)
     if tokenizer == "char":
         tok = train_character_tokenizer(lines, vocab_size=vocab_size)
     else:
         tok = train_bpe_tokenizer(lines, vocab_size=vocab_size)
     V = len(tok)
     for folder in ("tokenizer", "model"):
-        _replace(output_dir / folder)
-        save_tokenizer(tok, output_dir / folder, context_length=seq_len)
+        (staging / folder).mkdir()
+        save_tokenizer(tok, staging / folder, context_length=seq_len)
     capped = f" (the corpus has only {V - 2} distinct characters)" if V < vocab_size else ""
     say(f"tokenizer: {tokenizer}, {V} tokens{capped} -> {output_dir / 'tokenizer'}")
     lap("tokenizer")
@@ -125,19 +157,18 @@ def prepare_corpus(
         num_proc = os.cpu_count() if (text_dir / "train.txt").stat().st_size >= _PARALLEL_BYTES else None
     with tempfile.TemporaryDirectory() as cache_dir:
         samples = tokenize_and_pack(load_text(text_dir, cache_dir=cache_dir), tok, seq_len, pack, num_proc=num_proc)
-        _replace(output_dir / "dataset")
-        samples.save_to_disk(str(output_dir / "dataset"))
+        samples.save_to_disk(str(staging / "dataset"))
     say(f"dataset: {len(samples['train'])} train / {len(samples['validation'])} validation samples of {seq_len} tokens")
     lap("dataset")
 
     from datasets import load_from_disk
 
-    samples = load_from_disk(str(output_dir / "dataset"))
+    samples = load_from_disk(str(staging / "dataset"))
     counted = {name: count_sample_bigrams(samples[name], V, tok.unk_token_id) for name in samples}
     counters, unknown = ({name: pair[i] for name, pair in counted.items()} for i in (0, 1))
     graph = build_graph(counters["train"], min_edge_count=min_edge_count, max_edges_per_source=max_edges_per_source)
     stats = graph_statistics(graph, hidden_size, max_position_embeddings, heldout=counters["validation"])
-    (output_dir / "graph.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    (staging / "graph.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     coverage = stats["heldout"]["coverage"]
     say(
         f"graph: {stats['num_own_edges']:,} own edges, {stats['num_slots']:,} slots, {stats['num_parameters']:,} parameters "
@@ -156,8 +187,8 @@ def prepare_corpus(
         context_length=seq_len,
     )
     model = model_from_graph(config, graph, seed=seed)
-    model.save_pretrained(output_dir / "model")
-    write_model_card(output_dir / "model", config, made_from="Initialised (untrained) by `brillm prepare`.")
+    model.save_pretrained(staging / "model")
+    write_model_card(staging / "model", config, made_from="Initialised (untrained) by `brillm prepare`.")
     say(f"model: {model.num_parameters():,} parameters -> {output_dir / 'model'}")
     lap("model")
 
@@ -183,9 +214,9 @@ def prepare_corpus(
         "unknown_token_rate": unknown,
         "graph": stats,
         "timings_s": timings | {"total": round(sum(timings.values()), 3)},
+        "files": sorted([*files_under(staging), MANIFEST]),  # what a later run may replace (`check_output_folder`)
     }
-    (output_dir / "prepare.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    say(f"done in {report['timings_s']['total']:.1f} s -> {output_dir}")
+    (staging / MANIFEST).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
 
@@ -242,27 +273,24 @@ def build_parser(parser):
 
 
 def run(args):
-    """``brillm prepare``: `prepare_corpus` with the command's arguments; bad input exits with its message."""
-    try:
-        prepare_corpus(
-            args.corpus,
-            args.output,
-            valid=args.valid,
-            tokenizer=args.tokenizer,
-            vocab_size=args.vocab_size,
-            seq_len=args.seq_len,
-            pack=args.pack,
-            min_edge_count=args.min_edge_count,
-            max_edges_per_source=args.max_edges_per_source,
-            hidden_size=args.hidden_size,
-            max_position_embeddings=args.max_position_embeddings,
-            validation_fraction=args.validation_fraction,
-            encoding_errors=args.encoding_errors,
-            num_proc=args.num_proc,
-            seed=args.seed,
-        )
-    except ValueError as error:  # CorpusError included
-        raise SystemExit(f"error: {error}") from None
+    """``brillm prepare``: `prepare_corpus` with the command's arguments (bad input: `ValueError`, one line)."""
+    prepare_corpus(
+        args.corpus,
+        args.output,
+        valid=args.valid,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        pack=args.pack,
+        min_edge_count=args.min_edge_count,
+        max_edges_per_source=args.max_edges_per_source,
+        hidden_size=args.hidden_size,
+        max_position_embeddings=args.max_position_embeddings,
+        validation_fraction=args.validation_fraction,
+        encoding_errors=args.encoding_errors,
+        num_proc=args.num_proc,
+        seed=args.seed,
+    )
 
 
 def _splits(corpus, valid):
@@ -313,10 +341,55 @@ def _describe(summary):
     )
 
 
-def _replace(folder):
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+def _check_settings(
+    tokenizer, vocab_size, seq_len, pack, min_edge_count, max_edges_per_source, hidden_size, max_position_embeddings,
+    validation_fraction, encoding_errors, num_proc,
+):  # fmt: skip
+    """Raise `ValueError` for a bad setting before anything is read or written."""
+    choices = {"tokenizer": (tokenizer, TOKENIZERS), "pack": (pack, PACKING_MODES)}
+    choices["encoding_errors"] = (encoding_errors, ("strict", "replace"))
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}; got {value!r}.")
+    least = {"seq_len": (seq_len, 2), "vocab_size": (vocab_size, 3), "min_edge_count": (min_edge_count, 1)}
+    least |= {"hidden_size": (hidden_size, 1), "max_position_embeddings": (max_position_embeddings, seq_len)}
+    least |= {"num_proc": (num_proc, 1), "max_edges_per_source": (max_edges_per_source, 0)}
+    for name, (value, minimum) in least.items():
+        if value is not None and (not isinstance(value, int) or value < minimum):
+            raise ValueError(f"{name} must be an integer of at least {minimum}; got {value!r}.")
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must lie strictly between 0 and 1; got {validation_fraction}.")
 
 
-__all__ = ["TOKENIZERS", "build_parser", "count_sample_bigrams", "model_from_graph", "prepare_corpus", "run"]
+def check_output_folder(output_dir):
+    """Refuse an ``output_dir`` that holds anything an earlier `prepare_corpus` did not write (its manifest, the
+    ``files`` of ``prepare.json``, lists them): a file, a foreign folder, or a user's file inside a prepared one."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputFolderError(f"{output_dir} exists and is not a folder; choose another --output.")
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    try:
+        written = set(json.loads((output_dir / MANIFEST).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputFolderError(
+            f"{output_dir} is a non-empty folder that brillm prepare did not write (no {MANIFEST} listing its files); "
+            "refusing to replace it: choose another --output or empty it yourself."
+        ) from None
+    foreign = [path for path in files_under(output_dir) if path not in written]
+    if foreign:
+        raise OutputFolderError(
+            f"{output_dir / foreign[0]} was not written by brillm prepare ({len(foreign)} such file(s)); refusing to "
+            "replace the folder: move them away or choose another --output."
+        )
+
+
+__all__ = [
+    "TOKENIZERS",
+    "build_parser",
+    "check_output_folder",
+    "count_sample_bigrams",
+    "model_from_graph",
+    "prepare_corpus",
+    "run",
+]

@@ -8,9 +8,18 @@ initialised model, tokenized dataset — prepared on the fly from ``data.corpus`
 optimisation settings. The output directory receives:
 
 * ``checkpoint-<step>/``: the model (``save_pretrained``), tokenizer, Accelerate state (optimizer, scheduler,
-  RNG of every process) and ``trainer_state.json`` (step, data position, log history). Written to a temporary
-  folder and renamed, so ``--resume`` never sees a half-written checkpoint.
-* the final model (``model*.safetensors``, config, remote code, tokenizer) directly in the output directory.
+  RNG of every process), ``trainer_state.json`` (step, data position, log history) and ``recipe.json`` (the
+  recipe it was trained with). Written to a temporary folder and renamed, so ``--resume`` never sees a
+  half-written checkpoint; a full disk stops the run with one line naming the folder and the bytes needed, and
+  ``train.save_total_limit`` keeps only the newest checkpoints.
+* the final model (``model*.safetensors``, config, remote code, tokenizer) directly in the output directory,
+  written next to it first and moved in once complete.
+
+Safety of the output directory: a run holds a lock on it (a second run into it stops at once, naming the holder's
+pid and host; the kernel drops the lock of a dead process), removes the temporaries a killed run left, refuses to
+start afresh over an earlier run unless ``--overwrite-output-dir`` is given (which removes the earlier
+checkpoints), and ``--resume`` refuses a recipe that differs from the checkpoint's in anything but the settings
+of `RESUMABLE_CHANGES`.
 
 Data order is a pure function of (seed, epoch): every process takes a disjoint shard of one seeded permutation
 per epoch, so an interrupted and resumed run replays exactly the batches an uninterrupted run would have seen.
@@ -29,8 +38,22 @@ import yaml
 
 from .evaluation import character_lengths, evaluate_nll, summarize_nll
 from .hub_brillm import describe_tokenizer, write_model_card
+from .output_folders import (
+    FolderLock,
+    OutputFolderError,
+    check_free_space,
+    disk_full_message,
+    is_disk_full,
+    tree_bytes,
+)
 
 TRAINER_STATE = "trainer_state.json"
+RECIPE_STATE = "recipe.json"
+# Settings a resumed run may change: they decide how long and how visibly it runs, not what it computes.
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "save_steps", "eval_steps", "log_steps", "max_eval_batches", "save_total_limit", "report_to",
+     "sample_prompt", "sample_tokens"}
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,6 +92,7 @@ class TrainRecipe:
     max_eval_batches: int = 50
     seed: int = 0
     mixed_precision: str = "no"  # "no", "bf16", "fp16" (GPU)
+    save_total_limit: int | None = None  # keep only this many newest checkpoints (None: all)
     report_to: str = "none"  # "none" or "tensorboard"
     sample_prompt: str | None = None  # generated from after training, printed as `Generated: ...`
     sample_tokens: int = 40
@@ -100,14 +124,33 @@ class Recipe:
         recipe = cls(name=raw.get("name", Path(path).stem), output_dir=raw.get("output_dir", f"outputs/{Path(path).stem}"), **parts)
         if isinstance(recipe.data.corpus, str):
             recipe.data.corpus = [recipe.data.corpus]
-        if recipe.train.objective not in ("full", "sampled"):
-            raise ValueError(f"{path}: train.objective must be 'full' or 'sampled'; got {recipe.train.objective!r}.")
+        recipe.check(path)
         return recipe
+
+    def check(self, path="the recipe"):
+        """Raise `ValueError` naming ``path`` and the key for a value the run cannot use."""
+        settings = self.train
+        choices = {"objective": ("full", "sampled"), "mixed_precision": ("no", "bf16", "fp16")}
+        choices["report_to"] = ("none", "tensorboard")
+        for name, allowed in choices.items():
+            if getattr(settings, name) not in allowed:
+                raise ValueError(f"{path}: train.{name} must be one of {allowed}; got {getattr(settings, name)!r}.")
+        counts = ("batch_size", "gradient_accumulation_steps", "max_steps", "save_steps", "eval_steps", "log_steps",
+                  "max_eval_batches", "num_negatives", "save_total_limit")  # fmt: skip
+        for name in counts:
+            value = getattr(settings, name)
+            if value is not None and value < 1:  # 0 would divide by zero later, or never save
+                raise ValueError(f"{path}: train.{name} must be at least 1; got {value}.")
+        if settings.learning_rate <= 0:
+            raise ValueError(f"{path}: train.learning_rate must be positive; got {settings.learning_rate}.")
 
 
 def _coerce(kind, name, value, path):
-    """Recipe values to their field's type: YAML reads ``5e-2`` (no dot) as a string."""
+    """Recipe values to their field's type: YAML reads ``5e-2`` (no dot) as a string, and ``no``/``yes`` (YAML 1.1
+    booleans) as `False`/`True` where a word is meant (``mixed_precision: no``)."""
     expected = {f.name: f.type for f in fields(kind)}[name]
+    if expected in (str, "str", str | None) and isinstance(value, bool):
+        return "yes" if value else "no"
     for scalar in (int, float):
         if expected in (scalar, scalar.__name__) and not isinstance(value, bool):
             try:
@@ -184,12 +227,18 @@ def sampled_candidates(input_ids, successors, num_negatives):
 
 def latest_checkpoint(output_dir):
     """The newest complete ``checkpoint-<step>`` folder (one with a trainer state), or None."""
+    candidates = _checkpoints(output_dir)
+    return candidates[-1][1] if candidates else None
+
+
+def _checkpoints(output_dir):
+    """``(step, folder)`` of every complete checkpoint, oldest first."""
     candidates = []
     for path in Path(output_dir).glob("checkpoint-*"):
         suffix = path.name[len("checkpoint-") :]
         if suffix.isdigit() and (path / TRAINER_STATE).is_file():
             candidates.append((int(suffix), path))
-    return max(candidates)[1] if candidates else None
+    return sorted(candidates)
 
 
 def write_atomically(target, write):
@@ -198,10 +247,103 @@ def write_atomically(target, write):
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk) leaves nothing behind
+        raise
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+
+
+def claim_output_dir(output_dir, resume=False, overwrite=False):
+    """Lock ``output_dir`` for this run and make it ready; returns the held `FolderLock`.
+
+    Removes the temporaries of a killed run (``.tmp-*``), and refuses (`OutputFolderError`) to start afresh over
+    an earlier run (checkpoints or a final model) unless ``resume`` or ``overwrite``; ``overwrite`` deletes the
+    earlier checkpoints, so that a later ``--resume`` cannot continue the old run.
+    """
+    output_dir = Path(output_dir)
+    lock = FolderLock(output_dir).acquire()
+    try:
+        for stale in output_dir.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        checkpoints = _checkpoints(output_dir)
+        earlier = bool(checkpoints) or (output_dir / "config.json").is_file()
+        if earlier and not resume and not overwrite:
+            raise OutputFolderError(
+                f"{output_dir} holds an earlier run ({len(checkpoints)} checkpoints"
+                f"{', a final model' if (output_dir / 'config.json').is_file() else ''}): continue it with --resume, "
+                "start over with --overwrite-output-dir, or choose another --output-dir."
+            )
+        if overwrite and not resume:
+            for _, checkpoint in checkpoints:
+                shutil.rmtree(checkpoint)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def check_resume(recipe, checkpoint, num_processes):
+    """Raise `ValueError` naming the first setting in which ``recipe`` differs from the one ``checkpoint`` was
+    trained with (those of `RESUMABLE_CHANGES` may change); a checkpoint written before recipes were saved is
+    resumed with a warning."""
+    path = Path(checkpoint) / RECIPE_STATE
+    if not path.is_file():
+        print(f"warning: {checkpoint} records no recipe; cannot check that the resumed recipe is the same.")
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    current = {"data": asdict(recipe.data), "train": asdict(recipe.train), "num_processes": num_processes}
+    for section in ("data", "train"):
+        for key in sorted(set(saved[section]) | set(current[section])):
+            was, now = saved[section].get(key), current[section].get(key)
+            if was != now and key not in RESUMABLE_CHANGES:
+                raise ValueError(
+                    f"cannot resume from {checkpoint}: {section}.{key} was {was!r} and is now {now!r}; only "
+                    f"{', '.join(sorted(RESUMABLE_CHANGES))} may change (restore it, or start over with "
+                    "--overwrite-output-dir)."
+                )
+    if saved["num_processes"] != num_processes:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was trained on {saved['num_processes']} processes and this run has "
+            f"{num_processes}; the saved data position only holds for the same number."
+        )
+
+
+def rotate_checkpoints(output_dir, limit):
+    """Delete the oldest complete checkpoints so that at most ``limit`` remain (``None``: keep all)."""
+    if limit is None:
+        return
+    for _, checkpoint in _checkpoints(output_dir)[:-limit]:
+        shutil.rmtree(checkpoint)
+
+
+def checkpoint_bytes(output_dir, model, optimizer):
+    """Bytes a checkpoint needs: the size of the newest one, or, before the first, the weights twice (model and
+    Accelerate state) plus the optimizer state."""
+    newest = latest_checkpoint(output_dir)
+    if newest is not None:
+        return tree_bytes(newest)
+    tensors = [*model.state_dict().values()] * 2
+    tensors += [v for state in optimizer.state_dict()["state"].values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+
+
+def save_final_model(output_dir, model, weights, tokenizer, save_function):
+    """Write the final model next to ``output_dir`` and move its files in once all are written (a failure leaves
+    the earlier final model as it was)."""
+    output_dir = Path(output_dir)
+    staging = output_dir / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, state_dict=weights, save_function=save_function)
+        tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():
+            os.replace(path, output_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class TrainingDiverged(RuntimeError):
@@ -243,13 +385,12 @@ def load_prepared(recipe, accelerator):
     return model, tokenizer, dataset
 
 
-def train(recipe, resume=False, debug_dir=None):
-    """Run a recipe; returns the final evaluation summary (on the main process)."""
+def train(recipe, resume=False, debug_dir=None, overwrite_output_dir=False):
+    """Run a recipe; returns the final evaluation summary (on the main process). The output directory is locked
+    for the run (`claim_output_dir`); ``overwrite_output_dir`` allows starting afresh over an earlier run."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_constant_schedule
 
+    recipe.check()
     settings = recipe.train
     output_dir = Path(recipe.output_dir)
     accelerator = Accelerator(
@@ -258,6 +399,50 @@ def train(recipe, resume=False, debug_dir=None):
         log_with=None if settings.report_to == "none" else settings.report_to,
         project_dir=str(output_dir),
     )
+    lock = _on_main(accelerator, lambda: claim_output_dir(output_dir, resume, overwrite_output_dir))
+    try:
+        return _train(recipe, accelerator, resume, debug_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _on_main(accelerator, function):
+    """``function()`` on the main process (its result there, None elsewhere); an error it raises is raised on
+    every process, so that none waits forever for the others."""
+    from accelerate.utils import broadcast_object_list
+
+    result, failure = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = function()
+        except (ValueError, OSError) as error:
+            failure = [error]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failure)
+    if failure[0] is not None:
+        raise failure[0]
+    return result
+
+
+def _main_process_pid(accelerator):
+    """The main process's pid, on every process (names this run's shared temporaries)."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([os.getpid()])[0] if accelerator.num_processes > 1 else os.getpid()
+
+
+def _train(recipe, accelerator, resume, debug_dir):
+    """The training loop of `train`, with the output directory claimed."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_constant_schedule
+
+    settings = recipe.train
+    output_dir = Path(recipe.output_dir)
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        check_resume(recipe, checkpoint, accelerator.num_processes)
     set_seed(settings.seed)
     model, tokenizer, dataset = load_prepared(recipe, accelerator)
     train_set, valid_set = _as_tensors(dataset["train"]), _as_tensors(dataset["validation"])
@@ -280,30 +465,44 @@ def train(recipe, resume=False, debug_dir=None):
         accelerator.init_trackers(recipe.name, config={**asdict(recipe.data), **asdict(settings)})
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "log_history": []}
-    checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint / "accelerate"))
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
 
+    run_id = _main_process_pid(accelerator)
+    recipe_state = {"data": asdict(recipe.data), "train": asdict(settings), "num_processes": accelerator.num_processes}
+
     def save_checkpoint():
         accelerator.wait_for_everyone()
         target = output_dir / f"checkpoint-{state['step']}"
+        needed = checkpoint_bytes(output_dir, accelerator.unwrap_model(model), optimizer)
+        _on_main(accelerator, lambda: check_free_space(output_dir, needed))
 
-        # Every process writes its own RNG state into a shared temporary folder; the main process finalises.
-        tmp_state = output_dir / f".tmp-state-{state['step']}"
-        accelerator.save_state(str(tmp_state))
-        weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process takes part
-        accelerator.wait_for_everyone()
+        # Every process writes its own RNG state into a shared temporary folder (named after this run, which holds
+        # the folder's lock); the main process finalises.
+        tmp_state = output_dir / f".tmp-state-{state['step']}-{run_id}"
+        try:
+            accelerator.save_state(str(tmp_state))
+            weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process takes part
+            accelerator.wait_for_everyone()
 
-        def write(folder):
-            accelerator.unwrap_model(model).save_pretrained(folder, state_dict=weights, save_function=accelerator.save)
-            tokenizer.save_pretrained(folder)
-            os.replace(tmp_state, folder / "accelerate")
-            (folder / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+            def write(folder):
+                unwrapped = accelerator.unwrap_model(model)
+                unwrapped.save_pretrained(folder, state_dict=weights, save_function=accelerator.save)
+                tokenizer.save_pretrained(folder)
+                os.replace(tmp_state, folder / "accelerate")
+                (folder / RECIPE_STATE).write_text(json.dumps(recipe_state, indent=1))
+                (folder / TRAINER_STATE).write_text(json.dumps(state, indent=1))
 
-        if accelerator.is_main_process:
-            write_atomically(target, write)
+            if accelerator.is_main_process:
+                write_atomically(target, write)
+                rotate_checkpoints(output_dir, settings.save_total_limit)
+        except Exception as error:  # a failed write raises OSError, RuntimeError (torch) or SafetensorError
+            shutil.rmtree(tmp_state, ignore_errors=True)
+            if is_disk_full(error):
+                raise OutputFolderError(disk_full_message(output_dir, needed)) from None
+            raise
         accelerator.wait_for_everyone()
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -378,8 +577,7 @@ def train(recipe, resume=False, debug_dir=None):
         _write_debug(debug_dir, accelerator, model, seen)
     weights = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=weights, save_function=accelerator.save)
-        tokenizer.save_pretrained(output_dir)
+        save_final_model(output_dir, accelerator.unwrap_model(model), weights, tokenizer, accelerator.save)
     accelerator.end_training()
     if not accelerator.is_main_process:
         return None
@@ -468,6 +666,9 @@ def build_parser(parser=None):
     parser.add_argument("--max-steps", type=int, help="overrides train.max_steps")
     parser.add_argument("--save-steps", type=int, help="overrides train.save_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    parser.add_argument(
+        "--overwrite-output-dir", action="store_true", help="start afresh over an earlier run (its checkpoints are deleted)"
+    )
     parser.add_argument("--debug-dir", help=argparse.SUPPRESS)  # per-process records for the multi-process test
     return parser
 
@@ -480,8 +681,10 @@ def run(args):
         recipe.train.max_steps = args.max_steps
     if args.save_steps is not None:
         recipe.train.save_steps = args.save_steps
-    train(recipe, resume=args.resume, debug_dir=args.debug_dir)
+    train(recipe, resume=args.resume, debug_dir=args.debug_dir, overwrite_output_dir=args.overwrite_output_dir)
 
 
-if __name__ == "__main__":
-    run(build_parser().parse_args())
+if __name__ == "__main__":  # `accelerate launch -m modeling_brillm.train`: errors as `brillm train` gives them
+    from .cli import run_command
+
+    run_command(run, build_parser())

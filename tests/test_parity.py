@@ -85,8 +85,8 @@ def test_converter_refuses_slot_count_mismatch(tmp_path, reference_converter):
     path = tmp_path / "freq.json"
     path.write_text(json.dumps(frequencies))
     result = reference_converter(tmp_path / "out", frequencies=path)
-    assert result.returncode != 0
-    assert "weights.shape[0] == 1 + 1668" in result.stderr
+    assert result.returncode == 2
+    assert "has 1668 slots but" in result.stderr and "gives 1668 non-zero pairs, which need 1 + 1668 = 1669 slots" in result.stderr
 
 
 def test_converter_refuses_vocabulary_out_of_order(tmp_path, reference_converter):

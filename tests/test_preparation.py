@@ -146,13 +146,21 @@ def test_command_line_prepares_the_bundled_corpus_offline(tmp_path):
     assert generated.shape == (1, prompt.input_ids.shape[1] + 5)
 
 
-def run_cli(*args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(map(str, args)))
-    return str(exit_info.value.code)
+@pytest.fixture
+def run_cli(capsys):
+    """``brillm ARGS`` that must fail: its one stderr line (exit status 2)."""
+
+    def run(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(map(str, args)))
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2 and stderr.count("\n") == 1, stderr
+        return stderr.strip()
+
+    return run
 
 
-def test_bad_input_gives_clear_errors(tmp_path):
+def test_bad_input_gives_clear_errors(tmp_path, run_cli):
     good = tmp_path / "good.txt"
     good.write_text("".join(f"line {i} of a small corpus\n" for i in range(40)))
     (tmp_path / "empty.txt").write_text("")

@@ -199,7 +199,7 @@ FAILURES = {  # what goes wrong -> (how to make it happen, the one-line error)
 
 
 @pytest.mark.parametrize("failure", sorted(FAILURES))
-def test_failed_push_is_one_line_and_leaves_the_folder_untouched(failure, checkpoint, hub, monkeypatch):
+def test_failed_push_is_one_line_and_leaves_the_folder_untouched(failure, checkpoint, hub, monkeypatch, capsys):
     make_it_fail, expected = FAILURES[failure]
     if make_it_fail is None:
         (checkpoint / "model.safetensors").unlink()
@@ -208,7 +208,8 @@ def test_failed_push_is_one_line_and_leaves_the_folder_untouched(failure, checkp
     before = snapshot(checkpoint)
     with pytest.raises(SystemExit) as error:
         brillm(["push", str(checkpoint), "me/brillm-tiny"])
-    message = str(error.value.code)
+    assert error.value.code == 2
+    message = capsys.readouterr().err.removesuffix("\n")
     assert message == expected.format(folder=checkpoint, endpoint=hub.endpoint)
     assert "\n" not in message
     assert snapshot(checkpoint) == before and hub.commits == []

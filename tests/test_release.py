@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
 from modeling_brillm.hub_brillm import write_model_card
 from modeling_brillm.tokenization_brillm import character_tokenizer, save_tokenizer, tokenizer_from_json
+from modeling_brillm.output_folders import current_umask
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "conversion"))
@@ -319,10 +320,15 @@ def test_converter_replaces_only_a_checkpoint_folder(fixture_dir, converted_fixt
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
     previous = shutil.copytree(converted_fixture, tmp_path / "previous")
-    (previous / "stale.txt").write_text("from an earlier run")
-    converter.convert(*files, previous)  # a new conversion replaces the whole folder
-    assert not (previous / "stale.txt").exists() and (previous / "config.json").is_file()
-    assert oct(previous.stat().st_mode & 0o777) == oct(0o777 & ~converter.current_umask())
+    (previous / "notes.txt").write_text("the user's")
+    with pytest.raises(converter.ConversionError, match="notes.txt, which a conversion does not write"):
+        converter.convert(*files, previous)  # anything but an earlier conversion is never replaced
+    assert (previous / "notes.txt").read_text() == "the user's"
+    (previous / "notes.txt").unlink()
+    (previous / "model.safetensors").write_bytes(b"an older conversion")
+    converter.convert(*files, previous)  # an earlier conversion is replaced as a whole
+    assert (previous / "model.safetensors").stat().st_size > 100 and (previous / "config.json").is_file()
+    assert oct(previous.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
 
 
 def test_a_conversion_failing_while_writing_leaves_the_output_alone(fixture_dir, converted_fixture, tmp_path, monkeypatch):
