@@ -63,6 +63,9 @@ class TrainRecipe:
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000
     max_grad_norm: float = 0.0  # 0: no clipping
+    optimizer: str = "adamw"  # "adamw" (fused), "lazy_adamw" (optimization.LazyAdamW), "sgd"
+    sparse_gradients: bool = False  # weights/biases get row-sparse gradients; processes exchange only those rows
+    fsdp: bool = False  # shard with FSDP2 (fully_shard) directly, also on CPU processes (gloo)
     save_steps: int = 100
     eval_steps: int = 100
     log_steps: int = 10
@@ -102,7 +105,26 @@ class Recipe:
             recipe.data.corpus = [recipe.data.corpus]
         if recipe.train.objective not in ("full", "sampled"):
             raise ValueError(f"{path}: train.objective must be 'full' or 'sampled'; got {recipe.train.objective!r}.")
+        check_parallel_settings(recipe.train, path)
         return recipe
+
+
+OPTIMIZERS = ("adamw", "lazy_adamw", "sgd")
+
+
+def check_parallel_settings(settings, origin):
+    """Refuse, in one line, an optimizer / sparse-gradient / FSDP combination that cannot train."""
+    if settings.optimizer not in OPTIMIZERS:
+        raise ValueError(f"{origin}: train.optimizer must be one of {', '.join(OPTIMIZERS)}; got {settings.optimizer!r}.")
+    for name in ("sparse_gradients", "fsdp"):
+        if not isinstance(getattr(settings, name), bool):
+            raise ValueError(f"{origin}: train.{name} must be true or false; got {getattr(settings, name)!r}.")
+    if settings.sparse_gradients and settings.optimizer == "adamw":
+        raise ValueError(f"{origin}: train.optimizer adamw cannot take sparse gradients: use lazy_adamw or sgd.")
+    if settings.sparse_gradients and settings.fsdp:
+        raise ValueError(f"{origin}: train.sparse_gradients does not work with FSDP (it shards dense gradients).")
+    if settings.sparse_gradients and settings.optimizer == "sgd" and settings.weight_decay:
+        raise ValueError(f"{origin}: torch's sgd cannot decay weights on sparse gradients: use lazy_adamw or weight_decay 0.")
 
 
 def _coerce(kind, name, value, path):
@@ -209,6 +231,82 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Parallelism: optimizer, DDP / sparse exchange / FSDP2
+
+
+# Scoring reads `weights` after BriLLMModel.forward returned, so the base model must stay gathered until then.
+FSDP_RESHARD_AFTER_FORWARD = False
+
+
+def build_optimizer(model, settings):
+    """The recipe's optimizer over ``model``'s parameters (after any sharding); sparse gradients set as asked."""
+    from .optimization import LazyAdamW
+
+    model.set_sparse_gradients(settings.sparse_gradients)
+    options = {"lr": settings.learning_rate, "weight_decay": settings.weight_decay}
+    if settings.optimizer == "lazy_adamw":
+        return LazyAdamW(model.parameters(), **options)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), **options)
+    return torch.optim.AdamW(model.parameters(), fused=True, **options)
+
+
+def prepare_parallel(accelerator, model, settings, make_scheduler):
+    """Model, optimizer and scheduler ready for the run's parallelism, and its `GradientFinisher`.
+
+    Dense gradients: Accelerate's DDP (counting what it all-reduces). Sparse gradients: DDP keeps the dense
+    parameters, and the finisher exchanges the touched rows of ``weights`` and ``biases``. FSDP: FSDP2 directly.
+    """
+    from .distributed import GradientTraffic, SparseGradientExchange, count_ddp_traffic, ignore_in_ddp, shard_fully
+
+    traffic, exchange = GradientTraffic(), None
+    if settings.fsdp:
+        shard_fully(model, reshard_after_forward=FSDP_RESHARD_AFTER_FORWARD)
+        optimizer = build_optimizer(model, settings)
+        scheduler = make_scheduler(optimizer)
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        return model, optimizer, scheduler, GradientFinisher(accelerator, traffic, sharded=True)
+    optimizer = build_optimizer(model, settings)
+    scheduler = make_scheduler(optimizer)
+    distributed = accelerator.num_processes > 1
+    if settings.sparse_gradients and distributed:
+        sparse = [model.model.weights, model.model.biases]
+        ignore_in_ddp(model, sparse)
+        exchange = SparseGradientExchange(sparse, traffic=traffic)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if distributed:
+        count_ddp_traffic(model, traffic)
+    return model, optimizer, scheduler, GradientFinisher(accelerator, traffic, exchange, settings.sparse_gradients)
+
+
+class GradientFinisher:
+    """What happens to the gradients between backward and the optimizer step, and how weights are gathered."""
+
+    def __init__(self, accelerator, traffic, exchange=None, sparse=False, sharded=False):
+        self.accelerator, self.traffic, self.exchange = accelerator, traffic, exchange
+        self.sparse, self.sharded = sparse, sharded
+
+    def finish(self, model, max_grad_norm):
+        """Exchange what DDP did not, then clip (``max_grad_norm`` > 0); once per optimizer step."""
+        from .distributed import clip_grad_norm_
+
+        if self.exchange is not None:
+            self.exchange.synchronize()
+        self.traffic.end_step()
+        if max_grad_norm > 0 and self.sparse:  # torch's (and so Accelerate's) clipping refuses sparse gradients
+            self.accelerator.unscale_gradients()
+            clip_grad_norm_(model.parameters(), max_grad_norm)
+        elif max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+
+    def state_dict(self, model):
+        """The full weights to save (a collective under FSDP: every process takes part)."""
+        from .distributed import full_state_dict
+
+        return full_state_dict(model) if self.sharded else self.accelerator.get_state_dict(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The training loop
 
 
@@ -269,11 +367,7 @@ def train(recipe, resume=False, debug_dir=None):
             train_ids, model.config.vocab_size, settings.num_negatives + 1, train_set["attention_mask"]
         )
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True
-    )
-    scheduler = get_constant_schedule(optimizer)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler, gradients = prepare_parallel(accelerator, model, settings, get_constant_schedule)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     if settings.report_to != "none":
@@ -293,7 +387,7 @@ def train(recipe, resume=False, debug_dir=None):
         # Every process writes its own RNG state into a shared temporary folder; the main process finalises.
         tmp_state = output_dir / f".tmp-state-{state['step']}"
         accelerator.save_state(str(tmp_state))
-        weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process takes part
+        weights = gradients.state_dict(model)  # a collective under FSDP: every process takes part
         accelerator.wait_for_everyone()
 
         def write(folder):
@@ -339,8 +433,8 @@ def train(recipe, resume=False, debug_dir=None):
                         f"is {latest_checkpoint(output_dir)}. Lower train.learning_rate or use mixed_precision 'no'."
                     )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and settings.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                if accelerator.sync_gradients:
+                    gradients.finish(model, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -354,7 +448,8 @@ def train(recipe, resume=False, debug_dir=None):
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2g}", tok_s=f"{rate:.0f}")
             if state["step"] % settings.log_steps == 0 or state["step"] == settings.max_steps:
-                state["log_history"].append({"step": state["step"], "loss": step_loss, "tokens_per_second": rate})
+                state["log_history"].append({"step": state["step"], "loss": step_loss, "tokens_per_second": rate,
+                                             "gradient_bytes_sent": gradients.traffic.last_step})
                 accelerator.print(f"step {state['step']} loss {step_loss:.4f}")
                 accelerator.log({"train/loss": step_loss, "train/tokens_per_second": rate}, step=state["step"])
             if state["step"] % settings.eval_steps == 0 or state["step"] == settings.max_steps:
@@ -375,8 +470,8 @@ def train(recipe, resume=False, debug_dir=None):
 
     accelerator.wait_for_everyone()
     if seen is not None:
-        _write_debug(debug_dir, accelerator, model, seen)
-    weights = accelerator.get_state_dict(model)
+        _write_debug(debug_dir, accelerator, gradients.state_dict(model), seen)
+    weights = gradients.state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=weights, save_function=accelerator.save)
         tokenizer.save_pretrained(output_dir)
@@ -445,11 +540,10 @@ def _final_report(output_dir, recipe, valid_set, char_lengths, tokens_done, seco
     return metrics
 
 
-def _write_debug(debug_dir, accelerator, model, seen):
+def _write_debug(debug_dir, accelerator, weights, seen):
     """Per-process record for the multi-process test: the samples seen and a checksum of the weights."""
     debug_dir = Path(debug_dir)
     debug_dir.mkdir(parents=True, exist_ok=True)
-    weights = accelerator.unwrap_model(model).state_dict()
     checksum = sum(float(t.double().sum()) for t in weights.values() if t.is_floating_point())
     record = {
         "rank": accelerator.process_index,
