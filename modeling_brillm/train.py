@@ -238,6 +238,16 @@ class TrainingDiverged(RuntimeError):
 FSDP_RESHARD_AFTER_FORWARD = False
 
 
+def refuse_mismatched_launch(accelerator, settings):
+    """Stop, in one line, a launch whose running distributed state is not what it asked for (see
+    `distributed.launch_mismatch`): Accelerate falls back without a word, and the processes would race."""
+    from .distributed import launch_mismatch
+
+    problem = launch_mismatch(accelerator.num_processes, accelerator.distributed_type.value, settings.fsdp)
+    if problem:
+        raise SystemExit(f"brillm train: refused: {problem}")
+
+
 def build_optimizer(model, settings):
     """The recipe's optimizer over ``model``'s parameters (after any sharding); sparse gradients set as asked."""
     from .optimization import LazyAdamW
@@ -356,6 +366,7 @@ def train(recipe, resume=False, debug_dir=None):
         log_with=None if settings.report_to == "none" else settings.report_to,
         project_dir=str(output_dir),
     )
+    refuse_mismatched_launch(accelerator, settings)
     set_seed(settings.seed)
     model, tokenizer, dataset = load_prepared(recipe, accelerator)
     train_set, valid_set = _as_tensors(dataset["train"]), _as_tensors(dataset["validation"])
@@ -470,7 +481,7 @@ def train(recipe, resume=False, debug_dir=None):
 
     accelerator.wait_for_everyone()
     if seen is not None:
-        _write_debug(debug_dir, accelerator, gradients.state_dict(model), seen)
+        _write_debug(debug_dir, accelerator, model, gradients.state_dict(model), seen)
     weights = gradients.state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=weights, save_function=accelerator.save)
@@ -540,8 +551,9 @@ def _final_report(output_dir, recipe, valid_set, char_lengths, tokens_done, seco
     return metrics
 
 
-def _write_debug(debug_dir, accelerator, weights, seen):
-    """Per-process record for the multi-process test: the samples seen and a checksum of the weights."""
+def _write_debug(debug_dir, accelerator, model, weights, seen):
+    """Per-process record for the multi-process test: the samples seen, a checksum of the (full) weights and how
+    many rows of ``weights`` this process holds (all of them unless sharded)."""
     debug_dir = Path(debug_dir)
     debug_dir.mkdir(parents=True, exist_ok=True)
     checksum = sum(float(t.double().sum()) for t in weights.values() if t.is_floating_point())
@@ -551,8 +563,13 @@ def _write_debug(debug_dir, accelerator, weights, seen):
         "distributed_type": str(accelerator.distributed_type),
         "samples": seen,
         "weights_checksum": checksum,
+        "local_weight_rows": _local_rows(accelerator.unwrap_model(model).model.weights),
     }
     (debug_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
+
+
+def _local_rows(param):
+    return (param.to_local() if hasattr(param, "to_local") else param).shape[0]
 
 
 def build_parser(parser=None):
@@ -562,6 +579,7 @@ def build_parser(parser=None):
     parser.add_argument("--max-steps", type=int, help="overrides train.max_steps")
     parser.add_argument("--save-steps", type=int, help="overrides train.save_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 directly (sets train.fsdp; CPU too)")
     parser.add_argument("--debug-dir", help=argparse.SUPPRESS)  # per-process records for the multi-process test
     return parser
 
@@ -574,6 +592,11 @@ def run(args):
         recipe.train.max_steps = args.max_steps
     if args.save_steps is not None:
         recipe.train.save_steps = args.save_steps
+    if args.fsdp:
+        recipe.train.fsdp = True
+        check_parallel_settings(recipe.train, "--fsdp")
+    if args.resume and recipe.train.fsdp:  # its checkpoints hold no sharded optimizer state yet
+        raise SystemExit("brillm train: refused: --resume does not work with FSDP yet; resume without --fsdp.")
     train(recipe, resume=args.resume, debug_dir=args.debug_dir)
 
 
