@@ -68,10 +68,18 @@ def ignore_in_ddp(model, parameters):
 class SparseGradientExchange:
     """Averages the sparse row gradients of ``parameters`` over the processes of ``group``, in place.
 
-    Every process gathers the slot ids and rows of every other process's gradient (padded to the largest row
-    count, one ``all_gather_single`` each), then sums them locally with one coalesce: each process ends with the
-    same coalesced gradient, equal to the mean over processes, while what it sent grows with the slots its batch
-    touched, not with the number of slots P. A parameter without a gradient takes part with no rows.
+    Every process first gathers the slot ids of every process's gradient (padded to the largest row count, one
+    ``all_gather_single``), then the rows themselves by whichever of two ways puts fewer bytes on the wire (the
+    choice is the same on every process, made from the ids they all hold):
+
+    * ``"gather"``: all-gather every process's rows (padded) and sum them locally with one coalesce; a ring
+      all-gather sends ``(W - 1) * rows`` per process. Best for few processes.
+    * ``"all_reduce"``: scatter the rows into a dense buffer over the union of the touched slots and all-reduce it;
+      a ring sends ``2 (W - 1) / W * union`` per process. Best when many processes touch overlapping slots.
+
+    Each process ends with the same coalesced gradient (the layout the model produces), equal to the mean over
+    processes, while what it sent grows with the slots the batches touched, never with the number of slots P. A
+    parameter without a gradient takes part with no rows.
 
     Example (one process: the gradient stays what it was, coalesced):
 
@@ -93,10 +101,15 @@ class SparseGradientExchange:
     ```
     """
 
-    def __init__(self, parameters, group=None, traffic=None):
+    STRATEGIES = ("auto", "gather", "all_reduce")
+
+    def __init__(self, parameters, group=None, traffic=None, strategy="auto"):
+        if strategy not in self.STRATEGIES:
+            raise ValueError(f"strategy must be one of {self.STRATEGIES}; got {strategy!r}.")
         self.parameters = list(parameters)
         self.group = group
         self.traffic = traffic if traffic is not None else GradientTraffic()
+        self.strategy = strategy
 
     def synchronize(self):
         world = dist.get_world_size(self.group)
@@ -114,15 +127,24 @@ class SparseGradientExchange:
         rows, values = grad.indices()[0], grad.values()  # (S,), (S, ...)
         counts = self._gather(torch.tensor([rows.numel()], device=rows.device))  # (world,)
         most = int(counts.max())
-        padded_rows = torch.zeros(most, dtype=rows.dtype, device=rows.device)
-        padded_rows[: rows.numel()] = rows
-        padded_values = values.new_zeros(most, *values.shape[1:])
-        padded_values[: rows.numel()] = values
-        all_rows, all_values = self._gather(padded_rows), self._gather(padded_values)  # (world * most, ...)
-        real = (torch.arange(most, device=rows.device)[None, :] < counts[:, None]).reshape(-1)  # drop the padding
-        total = torch.sparse_coo_tensor(all_rows[real][None], all_values[real], param.shape, check_invariants=False)
-        total = total.coalesce()
-        return torch.sparse_coo_tensor(total.indices(), total.values() / world, param.shape, is_coalesced=True, check_invariants=False)
+        all_rows = self._gather(_padded(rows, most))  # (world * most,)
+        real = (torch.arange(most, device=rows.device)[None, :] < counts[:, None]).reshape(-1)  # not padding
+        union = torch.unique(all_rows[real])  # (U,) sorted
+        strategy = self.strategy
+        if strategy == "auto":  # ring bytes per process: (W - 1) most rows against 2 (W - 1) / W union rows
+            strategy = "gather" if world * most <= 2 * union.numel() else "all_reduce"
+        if strategy == "gather":
+            all_values = self._gather(_padded(values, most))  # (world * most, ...)
+            total = torch.sparse_coo_tensor(all_rows[real][None], all_values[real], param.shape, check_invariants=False)
+            total = total.coalesce()
+            union, summed = total.indices()[0], total.values()
+        else:
+            summed = values.new_zeros(union.numel(), *values.shape[1:])
+            summed[torch.searchsorted(union, rows)] = values
+            self.traffic.add(summed)
+            dist.all_reduce(summed, group=self.group)
+        mean = summed / world
+        return torch.sparse_coo_tensor(union[None], mean, param.shape, is_coalesced=True, check_invariants=False)
 
     def _gather(self, tensor):
         """Every process's ``tensor`` stacked along dimension 0: (world * n, ...)."""
@@ -130,6 +152,13 @@ class SparseGradientExchange:
         out = tensor.new_empty(dist.get_world_size(self.group) * tensor.shape[0], *tensor.shape[1:])
         dist.all_gather_single(out, tensor.contiguous(), group=self.group)
         return out
+
+
+def _padded(tensor, length):
+    """``tensor`` (n, ...) followed by zero rows up to ``length`` rows."""
+    out = tensor.new_zeros(length, *tensor.shape[1:])
+    out[: tensor.shape[0]] = tensor
+    return out
 
 
 def clip_grad_norm_(parameters, max_norm):

@@ -1,5 +1,6 @@
 """Distributed training on 2 CPU processes (gloo): sparse updates sized by the batch, FSDP2, no silent fallbacks."""
 
+import itertools
 import json
 import os
 import socket
@@ -126,21 +127,28 @@ def test_sparse_exchange_sends_the_same_bytes_whatever_the_untouched_slots(tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = {(r, g): json.loads((tmp_path / f"rank{r}-graph{g}.json").read_text()) for r in range(2) for g in range(2)}
-    assert len({report["bytes"] for report in reports.values()}) == 1  # every rank, both graphs
+    strategies = ("gather", "all_reduce")
+    reports = {(r, g, s): json.loads((tmp_path / f"rank{r}-graph{g}-{s}.json").read_text())
+               for r in range(2) for g in range(2) for s in strategies}  # fmt: skip
     assert all(report["coalesced"] for report in reports.values())
-    sizes = [1 + 3 * len(set(sum(batch, []))) for batch in batches]  # slot 0 + 3 owned edges per distinct source
-    assert reports[0, 0]["bytes"] == 2 * 8 + max(sizes) * (8 + d * d * 4) + max(sizes) * (8 + d * 4)
+    touched = [{0} | {row_ptr_slot for t in set(sum(batch, [])) for row_ptr_slot in range(1 + 3 * t, 4 + 3 * t)}
+               for batch in batches]  # slot 0 and the 3 owned edges of each distinct source (graph 0 numbering)
+    most, union = max(map(len, touched)), len(touched[0] | touched[1])
+    ids = 8 + most * 8  # the row count and the (padded) slot ids, for weights and for biases
+    expected = {"gather": 2 * ids + most * (d * d + d) * 4, "all_reduce": 2 * ids + union * (d * d + d) * 4}
+    for strategy in strategies:  # the same bytes on every rank for both graphs: P does not matter
+        assert {reports[key]["bytes"] for key in reports if key[2] == strategy} == {expected[strategy]}
     for number, (row_ptr, col_idx) in enumerate(graphs):
         config = BriLLMConfig(vocab_size=V, hidden_size=d, num_slots=1 + len(col_idx))
         torch.manual_seed(0)
         model = BriLLMForCausalLM.from_graph(config, torch.tensor(row_ptr), torch.tensor(col_idx))
+        model.set_sparse_gradients(True)
         for batch in batches:  # equal token counts: the mean over the union (one backward per forward)
             (model(torch.tensor(batch), labels=torch.tensor(batch)).loss / 2).backward()
-        for rank in range(2):
-            exchanged = load_file(tmp_path / f"rank{rank}-graph{number}.safetensors")
+        for rank, strategy in itertools.product(range(2), strategies):
+            exchanged = load_file(tmp_path / f"rank{rank}-graph{number}-{strategy}.safetensors")
             for name in ("weights", "biases"):
-                expected = model.model.get_parameter(name).grad
+                expected = model.model.get_parameter(name).grad.to_dense()
                 torch.testing.assert_close(exchanged[name], expected, rtol=1e-6, atol=1e-7)
 
 
@@ -193,7 +201,8 @@ def test_a_launch_that_falls_back_is_refused_in_one_line(prepared, tmp_path, lau
     result = launch(recipe, tmp_path, config=fsdp, env=env, launcher_args=launcher_args)
     assert result.returncode != 0
     refusals = [line for line in result.stderr.splitlines() if line.startswith("brillm train: refused:")]
-    assert len(refusals) == 2 and message in refusals[0]  # each process, one line
+    # Each process refuses (the launcher may stop the second before it gets there), in one line.
+    assert refusals and all(message in line for line in refusals)
     assert not (tmp_path / "out" / "checkpoint-2").exists()
 
 
