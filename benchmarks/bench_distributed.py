@@ -84,6 +84,7 @@ def traffic(args):
     result = {
         "measured_edges": int(measured.sum()), "zipf_exponent": zipf_exponent(measured),
         "released_degree_max": int(degrees.max()), "released_degree_median": float(degrees.double().median()),
+        "released_nodes_at_V": int((degrees == V).sum()),
         "dense_ddp_payload_gb": all_gradients / GB,
     }  # fmt: skip
     for world in (2, 8):
@@ -94,6 +95,7 @@ def traffic(args):
         gather = [m * (row + 16) + 16 + dense_part for m in most]  # what each rank hands to the all-gathers
         result[f"W{world}"] = {
             "touched_fraction_mean": float(np.mean(rows)) / SLOTS,
+            "touched_fraction_min": min(min(r) for r in rows) / SLOTS,
             "touched_fraction_max": max(most) / SLOTS,
             "union_fraction_mean": float(np.mean(union)) / SLOTS,
             "sparse_payload_gb_mean": float(np.mean(gather)) / GB,

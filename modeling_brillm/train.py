@@ -244,6 +244,8 @@ def refuse_mismatched_launch(accelerator, settings):
     from .distributed import launch_mismatch
 
     problem = launch_mismatch(accelerator.num_processes, accelerator.distributed_type.value, settings.fsdp)
+    if problem is None and settings.sparse_gradients and accelerator.distributed_type.value == "FSDP":
+        problem = "train.sparse_gradients does not work with FSDP (it shards dense gradients): use a DDP config."
     if problem:
         raise SystemExit(f"brillm train: refused: {problem}")
 
