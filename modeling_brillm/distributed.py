@@ -119,8 +119,8 @@ class SparseGradientExchange:
     def _mean(self, param, world):
         grad = param.grad
         if grad is None:
-            empty = param.new_zeros(0, *param.shape[1:])
-            grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), empty, param.shape, check_invariants=False)
+            rows, empty = torch.zeros(1, 0, dtype=torch.long), param.new_zeros(0, *param.shape[1:])
+            grad = torch.sparse_coo_tensor(rows, empty, param.shape, check_invariants=False)
         if not grad.is_sparse:
             raise ValueError("SparseGradientExchange takes sparse gradients: call model.set_sparse_gradients(True).")
         grad = grad.coalesce()  # accumulated micro-batches add up here
@@ -227,8 +227,8 @@ def launch_mismatch(num_processes, distributed_type, fsdp_requested, environ=Non
     Example:
 
     ```python
-    >>> launch_mismatch(1, "NO", False, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"})
-    'the launcher started 2 processes (WORLD_SIZE=2) but this one runs alone, without a process group: they would all write one output folder. On CPU launch with ACCELERATE_USE_CPU=1 and configuration/accelerate/cpu-2proc.yaml.'
+    >>> print(launch_mismatch(1, "NO", False, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}))  # doctest: +ELLIPSIS
+    the launcher started 2 processes (WORLD_SIZE=2) but this one runs alone, without a process group: ...
     >>> launch_mismatch(2, "MULTI_CPU", False, {"WORLD_SIZE": "2"}) is None
     True
 

@@ -115,7 +115,8 @@ OPTIMIZERS = ("adamw", "lazy_adamw", "sgd")
 def check_parallel_settings(settings, origin):
     """Refuse, in one line, an optimizer / sparse-gradient / FSDP combination that cannot train."""
     if settings.optimizer not in OPTIMIZERS:
-        raise ValueError(f"{origin}: train.optimizer must be one of {', '.join(OPTIMIZERS)}; got {settings.optimizer!r}.")
+        choices = ", ".join(OPTIMIZERS)
+        raise ValueError(f"{origin}: train.optimizer must be one of {choices}; got {settings.optimizer!r}.")
     for name in ("sparse_gradients", "fsdp"):
         if not isinstance(getattr(settings, name), bool):
             raise ValueError(f"{origin}: train.{name} must be true or false; got {getattr(settings, name)!r}.")
@@ -124,7 +125,7 @@ def check_parallel_settings(settings, origin):
     if settings.sparse_gradients and settings.fsdp:
         raise ValueError(f"{origin}: train.sparse_gradients does not work with FSDP (it shards dense gradients).")
     if settings.sparse_gradients and settings.optimizer == "sgd" and settings.weight_decay:
-        raise ValueError(f"{origin}: torch's sgd cannot decay weights on sparse gradients: use lazy_adamw or weight_decay 0.")
+        raise ValueError(f"{origin}: sgd cannot decay weights on sparse gradients: use lazy_adamw or weight_decay 0.")
 
 
 def _coerce(kind, name, value, path):
@@ -512,7 +513,9 @@ def _batches(tensors, batch_size, device, rows=slice(None)):
 def evaluate(accelerator, model, valid_set, settings, char_lengths):
     """Full-vocabulary perplexity and bits/char on (a slice of) the validation set, summed over processes."""
     limit = settings.max_eval_batches * settings.batch_size
-    rows = torch.arange(min(limit, len(valid_set["input_ids"])))[accelerator.process_index :: accelerator.num_processes]
+    count = min(limit, len(valid_set["input_ids"]))
+    count -= count % accelerator.num_processes  # every process runs as many forwards (FSDP gathers in each)
+    rows = torch.arange(count)[accelerator.process_index :: accelerator.num_processes]
     batches = _batches(valid_set, settings.batch_size, accelerator.device, rows)
     sums = evaluate_nll(accelerator.unwrap_model(model), batches, char_lengths)
     totals = accelerator.reduce(torch.tensor([sums["nll"], sums["tokens"], sums["characters"]], device=accelerator.device, dtype=torch.float64), reduction="sum")
@@ -598,7 +601,7 @@ def run(args):
         recipe.train.fsdp = True
         check_parallel_settings(recipe.train, "--fsdp")
     if args.resume and recipe.train.fsdp:  # its checkpoints hold no sharded optimizer state yet
-        raise SystemExit("brillm train: refused: --resume does not work with FSDP yet; resume without --fsdp.")
+        raise SystemExit("brillm train: refused: --resume does not work with --fsdp yet (no sharded optimizer state).")
     train(recipe, resume=args.resume, debug_dir=args.debug_dir)
 
 

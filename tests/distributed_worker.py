@@ -28,7 +28,8 @@ def main(task_path):
     rank = dist.get_rank()
     output = Path(task["output"])
     ids = torch.tensor(task["batches"][rank])
-    for (number, (row_ptr, col_idx)), strategy in itertools.product(enumerate(task["graphs"]), ("gather", "all_reduce")):
+    strategies = ("gather", "all_reduce")
+    for (number, (row_ptr, col_idx)), strategy in itertools.product(enumerate(task["graphs"]), strategies):
         config = BriLLMConfig(vocab_size=len(row_ptr) - 1, hidden_size=task["hidden_size"], num_slots=1 + len(col_idx))
         torch.manual_seed(0)
         model = BriLLMForCausalLM.from_graph(config, torch.tensor(row_ptr), torch.tensor(col_idx))

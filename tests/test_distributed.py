@@ -174,7 +174,8 @@ def test_sparse_gradient_accumulation_and_resume_are_exact(prepared, tmp_path):
 def test_fsdp_on_two_cpu_processes_equals_ddp_and_saves_a_loadable_model(prepared, dense_ddp, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    recipe = write_recipe(tmp_path / "r.json", prepared, tmp_path / "out", max_steps=STEPS, save_steps=STEPS, log_steps=1)
+    recipe = write_recipe(tmp_path / "r.json", prepared, tmp_path / "out", max_steps=STEPS, save_steps=STEPS,
+                          log_steps=1)  # fmt: skip
     result = launch(recipe, tmp_path, "--fsdp", "--debug-dir", str(tmp_path / "debug"))
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads((tmp_path / "debug" / f"rank{r}.json").read_text()) for r in range(2)]
@@ -223,7 +224,7 @@ def test_recipes_refuse_combinations_that_cannot_train(tmp_path):
     path = tmp_path / "r.yaml"
     for train, message in (
         ("optimizer: adam", "train.optimizer must be one of"),
-        ("sparse_gradients: true", "adamw cannot take sparse gradients"),
+        ("sparse_gradients: true", "adamw cannot take sparse gradients"),  # adamw is the default
         ("{optimizer: lazy_adamw, sparse_gradients: true, fsdp: true}", "does not work with FSDP"),
         ("{optimizer: sgd, sparse_gradients: true, weight_decay: 0.1}", "cannot decay weights"),
         ("sparse_gradients: 'yes'", "must be true or false"),
