@@ -318,6 +318,18 @@ class GradientFinisher:
 
         return full_state_dict(model) if self.sharded else self.accelerator.get_state_dict(model)
 
+    def unwrap(self, model):
+        """The model to call ``save_pretrained(state_dict=...)`` on. FSDP2 changes a sharded model's class (to
+        ``FSDPBriLLMForCausalLM``), which would save torch's FSDP sources as the remote code: a plain model on the
+        meta device (no memory) saves the weights it is given, with BriLLM's code."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not self.sharded:
+            return self.accelerator.unwrap_model(model)
+        plain = next(kind for kind in type(model).__mro__ if not issubclass(kind, FSDPModule))
+        with torch.device("meta"):
+            return plain(model.config)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The training loop
@@ -405,7 +417,7 @@ def train(recipe, resume=False, debug_dir=None):
         accelerator.wait_for_everyone()
 
         def write(folder):
-            accelerator.unwrap_model(model).save_pretrained(folder, state_dict=weights, save_function=accelerator.save)
+            gradients.unwrap(model).save_pretrained(folder, state_dict=weights, save_function=accelerator.save)
             tokenizer.save_pretrained(folder)
             os.replace(tmp_state, folder / "accelerate")
             (folder / TRAINER_STATE).write_text(json.dumps(state, indent=1))
@@ -487,7 +499,7 @@ def train(recipe, resume=False, debug_dir=None):
         _write_debug(debug_dir, accelerator, model, gradients.state_dict(model), seen)
     weights = gradients.state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=weights, save_function=accelerator.save)
+        gradients.unwrap(model).save_pretrained(output_dir, state_dict=weights, save_function=accelerator.save)
         tokenizer.save_pretrained(output_dir)
     accelerator.end_training()
     if not accelerator.is_main_process:

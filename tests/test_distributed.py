@@ -183,6 +183,8 @@ def test_fsdp_on_two_cpu_processes_equals_ddp_and_saves_a_loadable_model(prepare
     assert [r["local_weight_rows"] for r in records] == [-(-slots // 2), slots - -(-slots // 2)]  # really sharded
     sharded, ddp = final_weights(tmp_path / "out"), final_weights(dense_ddp / "out")
     assert_weights_close(ddp, sharded)
+    code = {path.name: path.read_text() for path in (tmp_path / "out").glob("*.py")}  # BriLLM's, not torch's FSDP
+    assert code == {path.name: path.read_text() for path in (dense_ddp / "out").glob("*.py")}
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert torch.equal(model.model.weights, sharded["model.weights"])
 
