@@ -235,10 +235,6 @@ class TrainingDiverged(RuntimeError):
 # Parallelism: optimizer, DDP / sparse exchange / FSDP2
 
 
-# Scoring reads `weights` after BriLLMModel.forward returned, so the base model must stay gathered until then.
-FSDP_RESHARD_AFTER_FORWARD = False
-
-
 def refuse_mismatched_launch(accelerator, settings):
     """Stop, in one line, a launch whose running distributed state is not what it asked for (see
     `distributed.launch_mismatch`): Accelerate falls back without a word, and the processes would race."""
@@ -274,7 +270,7 @@ def prepare_parallel(accelerator, model, settings, make_scheduler):
 
     traffic, exchange = GradientTraffic(), None
     if settings.fsdp:
-        shard_fully(model, reshard_after_forward=FSDP_RESHARD_AFTER_FORWARD)
+        shard_fully(model)  # the layout of configuration/accelerate/fsdp.yaml, resharded after forward
         optimizer = build_optimizer(model, settings)
         scheduler = make_scheduler(optimizer)
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
