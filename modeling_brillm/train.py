@@ -86,6 +86,9 @@ class TrainRecipe:
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000
     max_grad_norm: float = 0.0  # 0: no clipping
+    optimizer: str = "adamw"  # "adamw" (fused), "lazy_adamw" (optimization.LazyAdamW), "sgd"
+    sparse_gradients: bool = False  # weights/biases get row-sparse gradients; processes exchange only those rows
+    fsdp: bool = False  # shard with FSDP2 (fully_shard) directly, also on CPU processes (gloo)
     save_steps: int = 100
     eval_steps: int = 100
     log_steps: int = 10
@@ -143,6 +146,26 @@ class Recipe:
                 raise ValueError(f"{path}: train.{name} must be at least 1; got {value}.")
         if settings.learning_rate <= 0:
             raise ValueError(f"{path}: train.learning_rate must be positive; got {settings.learning_rate}.")
+        check_parallel_settings(settings, path)
+
+
+OPTIMIZERS = ("adamw", "lazy_adamw", "sgd")
+
+
+def check_parallel_settings(settings, origin):
+    """Refuse, in one line, an optimizer / sparse-gradient / FSDP combination that cannot train."""
+    if settings.optimizer not in OPTIMIZERS:
+        choices = ", ".join(OPTIMIZERS)
+        raise ValueError(f"{origin}: train.optimizer must be one of {choices}; got {settings.optimizer!r}.")
+    for name in ("sparse_gradients", "fsdp"):
+        if not isinstance(getattr(settings, name), bool):
+            raise ValueError(f"{origin}: train.{name} must be true or false; got {getattr(settings, name)!r}.")
+    if settings.sparse_gradients and settings.optimizer == "adamw":
+        raise ValueError(f"{origin}: train.optimizer adamw cannot take sparse gradients: use lazy_adamw or sgd.")
+    if settings.sparse_gradients and settings.fsdp:
+        raise ValueError(f"{origin}: train.sparse_gradients does not work with FSDP (it shards dense gradients).")
+    if settings.sparse_gradients and settings.optimizer == "sgd" and settings.weight_decay:
+        raise ValueError(f"{origin}: sgd cannot decay weights on sparse gradients: use lazy_adamw or weight_decay 0.")
 
 
 def _coerce(kind, name, value, path):
@@ -351,6 +374,102 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Parallelism: optimizer, DDP / sparse exchange / FSDP2
+
+
+def refuse_mismatched_launch(accelerator, settings):
+    """Stop, in one line, a launch whose running distributed state is not what it asked for (see
+    `distributed.launch_mismatch`): Accelerate falls back without a word, and the processes would race."""
+    from .distributed import launch_mismatch
+
+    problem = launch_mismatch(accelerator.num_processes, accelerator.distributed_type.value, settings.fsdp)
+    if problem is None and settings.sparse_gradients and accelerator.distributed_type.value == "FSDP":
+        problem = "train.sparse_gradients does not work with FSDP (it shards dense gradients): use a DDP config."
+    if problem:
+        raise ValueError(f"refused: {problem}")
+
+
+def build_optimizer(model, settings):
+    """The recipe's optimizer over ``model``'s parameters (after any sharding); sparse gradients set as asked."""
+    from .optimization import LazyAdamW
+
+    model.set_sparse_gradients(settings.sparse_gradients)
+    options = {"lr": settings.learning_rate, "weight_decay": settings.weight_decay}
+    if settings.optimizer == "lazy_adamw":
+        return LazyAdamW(model.parameters(), **options)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), **options)
+    return torch.optim.AdamW(model.parameters(), fused=True, **options)
+
+
+def prepare_parallel(accelerator, model, settings, make_scheduler):
+    """Model, optimizer and scheduler ready for the run's parallelism, and its `GradientFinisher`.
+
+    Dense gradients: Accelerate's DDP (counting what it all-reduces). Sparse gradients: DDP keeps the dense
+    parameters, and the finisher exchanges the touched rows of ``weights`` and ``biases``. FSDP: FSDP2 directly.
+    """
+    from .distributed import GradientTraffic, SparseGradientExchange, count_ddp_traffic, ignore_in_ddp, shard_fully
+
+    traffic, exchange = GradientTraffic(), None
+    if settings.fsdp:
+        shard_fully(model)  # the layout of configuration/accelerate/fsdp.yaml, resharded after forward
+        optimizer = build_optimizer(model, settings)
+        scheduler = make_scheduler(optimizer)
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        return model, optimizer, scheduler, GradientFinisher(accelerator, traffic, sharded=True)
+    optimizer = build_optimizer(model, settings)
+    scheduler = make_scheduler(optimizer)
+    distributed = accelerator.num_processes > 1
+    if settings.sparse_gradients and distributed:
+        sparse = [model.model.weights, model.model.biases]
+        ignore_in_ddp(model, sparse)
+        exchange = SparseGradientExchange(sparse, traffic=traffic)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if distributed:
+        count_ddp_traffic(model, traffic)
+    return model, optimizer, scheduler, GradientFinisher(accelerator, traffic, exchange, settings.sparse_gradients)
+
+
+class GradientFinisher:
+    """What happens to the gradients between backward and the optimizer step, and how weights are gathered."""
+
+    def __init__(self, accelerator, traffic, exchange=None, sparse=False, sharded=False):
+        self.accelerator, self.traffic, self.exchange = accelerator, traffic, exchange
+        self.sparse, self.sharded = sparse, sharded
+
+    def finish(self, model, max_grad_norm):
+        """Exchange what DDP did not, then clip (``max_grad_norm`` > 0); once per optimizer step."""
+        from .distributed import clip_grad_norm_
+
+        if self.exchange is not None:
+            self.exchange.synchronize()
+        self.traffic.end_step()
+        if max_grad_norm > 0 and self.sparse:  # torch's (and so Accelerate's) clipping refuses sparse gradients
+            self.accelerator.unscale_gradients()
+            clip_grad_norm_(model.parameters(), max_grad_norm)
+        elif max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+
+    def state_dict(self, model):
+        """The full weights to save (a collective under FSDP: every process takes part)."""
+        from .distributed import full_state_dict
+
+        return full_state_dict(model) if self.sharded else self.accelerator.get_state_dict(model)
+
+    def unwrap(self, model):
+        """The model to call ``save_pretrained(state_dict=...)`` on. FSDP2 changes a sharded model's class (to
+        ``FSDPBriLLMForCausalLM``), which would save torch's FSDP sources as the remote code: a plain model on the
+        meta device (no memory) saves the weights it is given, with BriLLM's code."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not self.sharded:
+            return self.accelerator.unwrap_model(model)
+        plain = next(kind for kind in type(model).__mro__ if not issubclass(kind, FSDPModule))
+        with torch.device("meta"):
+            return plain(model.config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The training loop
 
 
@@ -399,6 +518,7 @@ def train(recipe, resume=False, debug_dir=None, overwrite_output_dir=False):
         log_with=None if settings.report_to == "none" else settings.report_to,
         project_dir=str(output_dir),
     )
+    refuse_mismatched_launch(accelerator, settings)
     lock = _on_main(accelerator, lambda: claim_output_dir(output_dir, resume, overwrite_output_dir))
     try:
         return _train(recipe, accelerator, resume, debug_dir)
@@ -454,11 +574,7 @@ def _train(recipe, accelerator, resume, debug_dir):
             train_ids, model.config.vocab_size, settings.num_negatives + 1, train_set["attention_mask"]
         )
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True
-    )
-    scheduler = get_constant_schedule(optimizer)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler, gradients = prepare_parallel(accelerator, model, settings, get_constant_schedule)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     if settings.report_to != "none":
@@ -484,12 +600,11 @@ def _train(recipe, accelerator, resume, debug_dir):
         tmp_state = output_dir / f".tmp-state-{state['step']}-{run_id}"
         try:
             accelerator.save_state(str(tmp_state))
-            weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process takes part
+            weights = gradients.state_dict(model)  # a collective under FSDP: every process takes part
             accelerator.wait_for_everyone()
 
             def write(folder):
-                unwrapped = accelerator.unwrap_model(model)
-                unwrapped.save_pretrained(folder, state_dict=weights, save_function=accelerator.save)
+                gradients.unwrap(model).save_pretrained(folder, state_dict=weights, save_function=accelerator.save)
                 tokenizer.save_pretrained(folder)
                 os.replace(tmp_state, folder / "accelerate")
                 (folder / RECIPE_STATE).write_text(json.dumps(recipe_state, indent=1))
@@ -538,8 +653,8 @@ def _train(recipe, accelerator, resume, debug_dir):
                         f"is {latest_checkpoint(output_dir)}. Lower train.learning_rate or use mixed_precision 'no'."
                     )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and settings.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                if accelerator.sync_gradients:
+                    gradients.finish(model, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -553,7 +668,8 @@ def _train(recipe, accelerator, resume, debug_dir):
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2g}", tok_s=f"{rate:.0f}")
             if state["step"] % settings.log_steps == 0 or state["step"] == settings.max_steps:
-                state["log_history"].append({"step": state["step"], "loss": step_loss, "tokens_per_second": rate})
+                state["log_history"].append({"step": state["step"], "loss": step_loss, "tokens_per_second": rate,
+                                             "gradient_bytes_sent": gradients.traffic.last_step})
                 accelerator.print(f"step {state['step']} loss {step_loss:.4f}")
                 accelerator.log({"train/loss": step_loss, "train/tokens_per_second": rate}, step=state["step"])
             if state["step"] % settings.eval_steps == 0 or state["step"] == settings.max_steps:
@@ -574,10 +690,10 @@ def _train(recipe, accelerator, resume, debug_dir):
 
     accelerator.wait_for_everyone()
     if seen is not None:
-        _write_debug(debug_dir, accelerator, model, seen)
-    weights = accelerator.get_state_dict(model)
+        _write_debug(debug_dir, accelerator, model, gradients.state_dict(model), seen)
+    weights = gradients.state_dict(model)
     if accelerator.is_main_process:
-        save_final_model(output_dir, accelerator.unwrap_model(model), weights, tokenizer, accelerator.save)
+        save_final_model(output_dir, gradients.unwrap(model), weights, tokenizer, accelerator.save)
     accelerator.end_training()
     if not accelerator.is_main_process:
         return None
@@ -602,7 +718,9 @@ def _batches(tensors, batch_size, device, rows=slice(None)):
 def evaluate(accelerator, model, valid_set, settings, char_lengths):
     """Full-vocabulary perplexity and bits/char on (a slice of) the validation set, summed over processes."""
     limit = settings.max_eval_batches * settings.batch_size
-    rows = torch.arange(min(limit, len(valid_set["input_ids"])))[accelerator.process_index :: accelerator.num_processes]
+    count = min(limit, len(valid_set["input_ids"]))
+    count -= count % accelerator.num_processes  # every process runs as many forwards (FSDP gathers in each)
+    rows = torch.arange(count)[accelerator.process_index :: accelerator.num_processes]
     batches = _batches(valid_set, settings.batch_size, accelerator.device, rows)
     sums = evaluate_nll(accelerator.unwrap_model(model), batches, char_lengths)
     totals = accelerator.reduce(torch.tensor([sums["nll"], sums["tokens"], sums["characters"]], device=accelerator.device, dtype=torch.float64), reduction="sum")
@@ -643,11 +761,11 @@ def _final_report(output_dir, recipe, valid_set, char_lengths, tokens_done, seco
     return metrics
 
 
-def _write_debug(debug_dir, accelerator, model, seen):
-    """Per-process record for the multi-process test: the samples seen and a checksum of the weights."""
+def _write_debug(debug_dir, accelerator, model, weights, seen):
+    """Per-process record for the multi-process test: the samples seen, a checksum of the (full) weights and how
+    many rows of ``weights`` this process holds (all of them unless sharded)."""
     debug_dir = Path(debug_dir)
     debug_dir.mkdir(parents=True, exist_ok=True)
-    weights = accelerator.unwrap_model(model).state_dict()
     checksum = sum(float(t.double().sum()) for t in weights.values() if t.is_floating_point())
     record = {
         "rank": accelerator.process_index,
@@ -655,8 +773,13 @@ def _write_debug(debug_dir, accelerator, model, seen):
         "distributed_type": str(accelerator.distributed_type),
         "samples": seen,
         "weights_checksum": checksum,
+        "local_weight_rows": _local_rows(accelerator.unwrap_model(model).model.weights),
     }
     (debug_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
+
+
+def _local_rows(param):
+    return (param.to_local() if hasattr(param, "to_local") else param).shape[0]
 
 
 def build_parser(parser=None):
@@ -669,6 +792,7 @@ def build_parser(parser=None):
     parser.add_argument(
         "--overwrite-output-dir", action="store_true", help="start afresh over an earlier run (its checkpoints are deleted)"
     )
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 directly (sets train.fsdp; CPU too)")
     parser.add_argument("--debug-dir", help=argparse.SUPPRESS)  # per-process records for the multi-process test
     return parser
 
@@ -681,6 +805,11 @@ def run(args):
         recipe.train.max_steps = args.max_steps
     if args.save_steps is not None:
         recipe.train.save_steps = args.save_steps
+    if args.fsdp:
+        recipe.train.fsdp = True
+        check_parallel_settings(recipe.train, "--fsdp")
+    if args.resume and recipe.train.fsdp:  # its checkpoints hold no sharded optimizer state yet
+        raise ValueError("--resume does not work with --fsdp yet (its checkpoints hold no sharded optimizer state).")
     train(recipe, resume=args.resume, debug_dir=args.debug_dir, overwrite_output_dir=args.overwrite_output_dir)
 
 
