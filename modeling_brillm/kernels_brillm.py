@@ -284,87 +284,98 @@ if triton is not None:
     @triton.jit
     def _flow_forward_kernel(
         start, edge_w, edge_b, edge_pe, edge_logit, signals, energies, denominators, maxima,
-        T, D: tl.constexpr, BD: tl.constexpr,
+        B, T, D: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr,
     ):  # fmt: skip
-        # One program per text: the running softmax of energies along the whole text, state in registers.
-        text = tl.program_id(0)
+        # One program per block of BB texts: the running softmax of energies along the whole texts, state in
+        # registers. Tiles are (BB, BD) per text row, (BB, BD, BD) for the texts' edge matrices.
+        text = tl.program_id(0) * BB + tl.arange(0, BB)
         i = tl.arange(0, BD)
-        inside = i < D
-        square = inside[:, None] & inside[None, :]
-        x = tl.load(start + text * D + i, mask=inside, other=0.0)
-        tl.store(signals + text * T * D + i, x, mask=inside)
-        tl.store(energies + text * T * D + i, x, mask=inside)
-        numerator = tl.zeros((BD,), tl.float32)
-        denominator = tl.sum(numerator, axis=0)  # 0.0 as a tensor, so that the loop carries one type
+        rows = (text < B)[:, None] & (i < D)[None, :]  # (BB, BD)
+        cube = rows[:, :, None] & (i < D)[None, None, :]  # (BB, BD, BD)
+        vector = text[:, None] * T * D + i[None, :]  # offsets of position 0, (BB, BD)
+        matrix = text[:, None, None] * T * D * D + i[None, :, None] * D + i[None, None, :]
+        x = tl.load(start + text[:, None] * D + i[None, :], mask=rows, other=0.0)
+        tl.store(signals + vector, x, mask=rows)
+        tl.store(energies + vector, x, mask=rows)
+        numerator = tl.zeros((BB, BD), tl.float32)
+        denominator = tl.sum(numerator, axis=1)  # (BB,) zeros
         run_max = denominator - float("inf")
+        live = text < B
         t = 1
-        while t < T:
-            at = text * T + t
-            w = tl.load(edge_w + at * D * D + i[:, None] * D + i[None, :], mask=square, other=0.0)
-            z = tl.sum(x[:, None] * w, axis=0) + tl.load(edge_b + at * D + i, mask=inside, other=0.0)
-            z += tl.load(edge_pe + at * D + i, mask=inside, other=0.0)
+        while t < T:  # (`while`, not `range`: the interpreter needs static `range` bounds)
+            w = tl.load(edge_w + matrix + t * D * D, mask=cube, other=0.0)
+            z = tl.sum(x[:, :, None] * w, axis=1) + tl.load(edge_b + vector + t * D, mask=rows, other=0.0)
+            z += tl.load(edge_pe + vector + t * D, mask=rows, other=0.0)
             energy, _ = _gelu_and_slope(z)
-            logit = tl.load(edge_logit + at)
+            logit = tl.load(edge_logit + text * T + t, mask=live, other=0.0)
             new_max = tl.maximum(run_max, logit)
             rescale = tl.exp(run_max - new_max)
             weight = tl.exp(logit - new_max)
-            numerator = numerator * rescale + weight * energy
+            numerator = numerator * rescale[:, None] + weight[:, None] * energy
             denominator = denominator * rescale + weight
             run_max = new_max
-            x = numerator / denominator
-            tl.store(signals + at * D + i, x, mask=inside)
-            tl.store(energies + at * D + i, energy, mask=inside)
-            tl.store(denominators + at, denominator)
-            tl.store(maxima + at, run_max)
+            x = numerator / denominator[:, None]
+            tl.store(signals + vector + t * D, x, mask=rows)
+            tl.store(energies + vector + t * D, energy, mask=rows)
+            tl.store(denominators + text * T + t, denominator, mask=live)
+            tl.store(maxima + text * T + t, run_max, mask=live)
             t += 1
 
     @triton.jit
     def _flow_backward_kernel(
         signals, edge_w, edge_b, edge_pe, edge_logit, denominators, maxima, grad_signals, grad_energies,
         grad_start, grad_w, grad_b, grad_logit,
-        T, D: tl.constexpr, BD: tl.constexpr,
+        B, T, D: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr,
     ):  # fmt: skip
-        # The recurrence in reverse, one program per text. With x_t = N_t / D_t (running sums scaled by the running
-        # maximum m_t), A_t = g_t / D_t + exp(m_t - m_{t+1}) A_{t+1} and the same for B_t = -(g_t . x_t) / D_t + ...
-        # give dE_t = w_t A_t and dlogit_t = w_t (A_t . E_t + B_t), w_t = exp(logit_t - m_t).
-        text = tl.program_id(0)
+        # The recurrence in reverse. With x_t = N_t / D_t (running sums scaled by the running maximum m_t),
+        # A_t = g_t / D_t + exp(m_t - m_{t+1}) A_{t+1} and likewise B_t = -(g_t . x_t) / D_t + ... give
+        # dE_t = w_t A_t and dlogit_t = w_t (A_t . E_t + B_t), with w_t = exp(logit_t - m_t).
+        text = tl.program_id(0) * BB + tl.arange(0, BB)
         i = tl.arange(0, BD)
-        inside = i < D
-        square = inside[:, None] & inside[None, :]
-        carry = tl.zeros((BD,), tl.float32)  # gradient reaching x_t through the edge that leaves it
-        acc_a = tl.zeros((BD,), tl.float32)
-        acc_b = tl.sum(acc_a, axis=0)
+        live = text < B
+        rows = live[:, None] & (i < D)[None, :]
+        cube = rows[:, :, None] & (i < D)[None, None, :]
+        vector = text[:, None] * T * D + i[None, :]
+        matrix = text[:, None, None] * T * D * D + i[None, :, None] * D + i[None, None, :]
+        carry = tl.zeros((BB, BD), tl.float32)  # gradient reaching x_t through the edge that leaves it
+        acc_a = tl.zeros((BB, BD), tl.float32)
+        acc_b = tl.sum(acc_a, axis=1)
         next_max = acc_b
         t = T - 1
         while t > 0:
-            at = text * T + t
-            denominator, run_max = tl.load(denominators + at), tl.load(maxima + at)
-            x = tl.load(signals + at * D + i, mask=inside, other=0.0)
-            g = tl.load(grad_signals + at * D + i, mask=inside, other=0.0) + carry
-            decay = tl.where(t == T - 1, 0.0, tl.exp(run_max - next_max))
-            acc_a = g / denominator + decay * acc_a
-            acc_b = -tl.sum(g * x, axis=0) / denominator + decay * acc_b
+            denominator = tl.load(denominators + text * T + t, mask=live, other=1.0)
+            run_max = tl.load(maxima + text * T + t, mask=live, other=0.0)
+            x = tl.load(signals + vector + t * D, mask=rows, other=0.0)
+            g = tl.load(grad_signals + vector + t * D, mask=rows, other=0.0) + carry
+            decay = tl.where(t == T - 1, 0.0, tl.exp(run_max - next_max))  # (BB,)
+            acc_a = g / denominator[:, None] + decay[:, None] * acc_a
+            acc_b = -tl.sum(g * x, axis=1) / denominator + decay * acc_b
             next_max = run_max
-            weight = tl.exp(tl.load(edge_logit + at) - run_max)
-            previous = tl.load(signals + (at - 1) * D + i, mask=inside, other=0.0)
-            w = tl.load(edge_w + at * D * D + i[:, None] * D + i[None, :], mask=square, other=0.0)
-            z = tl.sum(previous[:, None] * w, axis=0) + tl.load(edge_b + at * D + i, mask=inside, other=0.0)
-            z += tl.load(edge_pe + at * D + i, mask=inside, other=0.0)
+            weight = tl.exp(tl.load(edge_logit + text * T + t, mask=live, other=0.0) - run_max)
+            previous = tl.load(signals + vector + (t - 1) * D, mask=rows, other=0.0)
+            w = tl.load(edge_w + matrix + t * D * D, mask=cube, other=0.0)
+            z = tl.sum(previous[:, :, None] * w, axis=1) + tl.load(edge_b + vector + t * D, mask=rows, other=0.0)
+            z += tl.load(edge_pe + vector + t * D, mask=rows, other=0.0)
             energy, slope = _gelu_and_slope(z)
-            tl.store(grad_logit + at, weight * (tl.sum(acc_a * energy, axis=0) + acc_b))
-            dz = (weight * acc_a + tl.load(grad_energies + at * D + i, mask=inside, other=0.0)) * slope
-            dz = tl.where(inside, dz, 0.0)
-            tl.store(grad_w + at * D * D + i[:, None] * D + i[None, :], previous[:, None] * dz[None, :], mask=square)
-            tl.store(grad_b + at * D + i, dz, mask=inside)
-            carry = tl.sum(w * dz[None, :], axis=1)
+            tl.store(grad_logit + text * T + t, weight * (tl.sum(acc_a * energy, axis=1) + acc_b), mask=live)
+            dz = weight[:, None] * acc_a + tl.load(grad_energies + vector + t * D, mask=rows, other=0.0)
+            dz = tl.where(rows, dz * slope, 0.0)
+            tl.store(grad_w + matrix + t * D * D, previous[:, :, None] * dz[:, None, :], mask=cube)
+            tl.store(grad_b + vector + t * D, dz, mask=rows)
+            carry = tl.sum(w * dz[:, None, :], axis=2)
             t -= 1
-        g0 = tl.load(grad_signals + text * T * D + i, mask=inside, other=0.0)
-        g0 += tl.load(grad_energies + text * T * D + i, mask=inside, other=0.0)
-        tl.store(grad_start + text * D + i, g0 + carry, mask=inside)
+        g0 = tl.load(grad_signals + vector, mask=rows, other=0.0) + tl.load(grad_energies + vector, mask=rows, other=0.0)
+        tl.store(grad_start + text[:, None] * D + i[None, :], g0 + carry, mask=rows)
 
 
 def _block(d):
     return max(16, triton.next_power_of_2(d))
+
+
+def _texts_per_program(B):
+    """Texts per recurrence program: one on a GPU (B programs run side by side); all of them (up to 16) under the
+    interpreter, whose cost is per operation, not per element."""
+    return min(16, triton.next_power_of_2(B)) if os.environ.get("TRITON_INTERPRET") == "1" else 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,7 +457,9 @@ class _SignalFlow(torch.autograd.Function):
         args = [t.contiguous() for t in (start, edge_w, edge_b, edge_pe, edge_logit)]
         signals, energies = start.new_empty(B, T, d), start.new_empty(B, T, d)
         denominators, maxima = start.new_zeros(B, T), start.new_zeros(B, T)
-        _flow_forward_kernel[(B,)](*args, signals, energies, denominators, maxima, T, D=d, BD=_block(d))
+        BB = _texts_per_program(B)
+        grid = (triton.cdiv(B, BB),)
+        _flow_forward_kernel[grid](*args, signals, energies, denominators, maxima, B, T, D=d, BD=_block(d), BB=BB)
         ctx.save_for_backward(signals, *args[1:], denominators, maxima)
         ctx.mark_non_differentiable(denominators, maxima)
         return signals, energies, denominators, maxima
@@ -460,11 +473,13 @@ class _SignalFlow(torch.autograd.Function):
         grad_start = signals.new_empty(B, d)
         grad_w, grad_b = torch.zeros_like(edge_w), torch.zeros_like(edge_b)
         grad_logit = torch.zeros_like(edge_logit)
-        _flow_backward_kernel[(B,)](
+        BB = _texts_per_program(B)
+        _flow_backward_kernel[(triton.cdiv(B, BB),)](
             signals, edge_w, edge_b, edge_pe, edge_logit, denominators, maxima, grad_signals, grad_energies,
-            grad_start, grad_w, grad_b, grad_logit, T, D=d, BD=_block(d),
+            grad_start, grad_w, grad_b, grad_logit, B, T, D=d, BD=_block(d), BB=BB,
         )  # fmt: skip
-        return grad_start, grad_w, grad_b, grad_b.clone(), grad_logit  # d z / d pe = d z / d b
+        grad_pe = grad_b.clone() if ctx.needs_input_grad[3] else None  # d z / d pe = d z / d b
+        return grad_start, grad_w, grad_b, grad_pe, grad_logit
 
 
 def signal_flow(start, edge_w, edge_b, edge_pe, edge_logit):
