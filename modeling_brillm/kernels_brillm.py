@@ -78,26 +78,30 @@ class ScoringPlan:
     ``count`` (positions, 0 for padding groups), ``lo`` (its slab is slots ``1 + lo .. lo + degree``), ``degree``
     (owned out-edges, 0 for padding groups), ``row_start`` (the group's first row among all touched slab rows);
     ``degree_of`` (N,) the out-degree of each position's source, ``rows`` (1,) the number of touched slab rows.
+    A negative source marks a position without a score (padding): it reads no slab.
     """
 
     def __init__(self, sources, row_ptr):
         N = sources.numel()
         device = sources.device
-        sources = sources.long()
-        self.order = torch.argsort(sources, stable=True)  # (N,)
-        sorted_sources = sources[self.order]
+        scored = sources >= 0  # a negative source marks a position that needs no score (padding)
+        sources = sources.long().clamp(min=0)
+        marked = torch.where(scored, sources, -1)  # unscored positions form their own group
+        self.order = torch.argsort(marked, stable=True)  # (N,)
+        sorted_sources = marked[self.order]
         starts = torch.ones(N, dtype=torch.bool, device=device)
         starts[1:] = sorted_sources[1:] != sorted_sources[:-1]
         group = torch.cumsum(starts, 0) - 1  # (N,) group of each sorted position
         rank = torch.arange(N, device=device)
         self.count = torch.zeros(N, dtype=torch.long, device=device).scatter_add_(0, group, torch.ones_like(group))
         self.first = torch.full((N,), N, dtype=torch.long, device=device).scatter_reduce_(0, group, rank, "amin")
-        source = torch.zeros(N, dtype=torch.long, device=device).scatter_(0, group, sorted_sources)
+        source = torch.zeros(N, dtype=torch.long, device=device).scatter_(0, group, sorted_sources.clamp(min=0))
+        group_scored = torch.zeros(N, dtype=torch.bool, device=device).scatter_(0, group, sorted_sources >= 0)
         self.lo = row_ptr[source]
-        self.degree = (row_ptr[source + 1] - self.lo) * (self.count > 0)
+        self.degree = (row_ptr[source + 1] - self.lo) * group_scored  # 0 for padding groups
         self.row_start = torch.cumsum(self.degree, 0) - self.degree
         self.rows = self.degree.sum().view(1)
-        self.degree_of = row_ptr[sources + 1] - row_ptr[sources]
+        self.degree_of = (row_ptr[sources + 1] - row_ptr[sources]) * scored
 
     def touched_slots(self):
         """Slot 0 then the touched slabs, in slot order: (1 + rows,). Reads ``rows`` on the host (sizes a tensor)."""
@@ -283,27 +287,29 @@ if triton is not None:
 
     @triton.jit
     def _flow_forward_kernel(
-        start, edge_w, edge_b, edge_pe, edge_logit, signals, energies, denominators, maxima,
+        kinds, start, edge_w, edge_b, edge_pe, edge_logit, signal0, numerator0, denominator0, max0,
+        signals, energies, denominators, maxima,
         B, T, D: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr,
     ):  # fmt: skip
-        # One program per block of BB texts: the running softmax of energies along the whole texts, state in
-        # registers. Tiles are (BB, BD) per text row, (BB, BD, BD) for the texts' edge matrices.
+        # One program per block of BB texts, looping over T with the running softmax in registers. Position kinds:
+        # 0 padding (state kept, energy 0), 1 a text's first token (signal = start), 2 an edge (signal = N / D).
+        # Tiles are (BB, BD) for vectors, (BB, BD, BD) for the texts' edge matrices.
         text = tl.program_id(0) * BB + tl.arange(0, BB)
         i = tl.arange(0, BD)
-        rows = (text < B)[:, None] & (i < D)[None, :]  # (BB, BD)
-        cube = rows[:, :, None] & (i < D)[None, None, :]  # (BB, BD, BD)
-        vector = text[:, None] * T * D + i[None, :]  # offsets of position 0, (BB, BD)
-        matrix = text[:, None, None] * T * D * D + i[None, :, None] * D + i[None, None, :]
-        x = tl.load(start + text[:, None] * D + i[None, :], mask=rows, other=0.0)
-        tl.store(signals + vector, x, mask=rows)
-        tl.store(energies + vector, x, mask=rows)
-        numerator = tl.zeros((BB, BD), tl.float32)
-        denominator = tl.sum(numerator, axis=1)  # (BB,) zeros
-        run_max = denominator - float("inf")
         live = text < B
-        t = 1
+        rows = live[:, None] & (i < D)[None, :]  # (BB, BD)
+        cube = rows[:, :, None] & (i < D)[None, None, :]  # (BB, BD, BD)
+        vector = text[:, None] * T * D + i[None, :]  # offsets of position 0 (BB, BD)
+        matrix = text[:, None, None] * T * D * D + i[None, :, None] * D + i[None, None, :]
+        state = text[:, None] * D + i[None, :]
+        x = tl.load(signal0 + state, mask=rows, other=0.0)
+        numerator = tl.load(numerator0 + state, mask=rows, other=0.0)
+        denominator = tl.load(denominator0 + text, mask=live, other=0.0)
+        run_max = tl.where(denominator > 0, tl.load(max0 + text, mask=live, other=0.0), float("-inf"))
+        t = 0
         while t < T:  # (`while`, not `range`: the interpreter needs static `range` bounds)
-            w = tl.load(edge_w + matrix + t * D * D, mask=cube, other=0.0)
+            kind = tl.load(kinds + text * T + t, mask=live, other=0)
+            w = tl.load(edge_w + matrix + t * D * D, mask=cube & (kind == 2)[:, None, None], other=0.0)
             z = tl.sum(x[:, :, None] * w, axis=1) + tl.load(edge_b + vector + t * D, mask=rows, other=0.0)
             z += tl.load(edge_pe + vector + t * D, mask=rows, other=0.0)
             energy, _ = _gelu_and_slope(z)
@@ -311,10 +317,14 @@ if triton is not None:
             new_max = tl.maximum(run_max, logit)
             rescale = tl.exp(run_max - new_max)
             weight = tl.exp(logit - new_max)
-            numerator = numerator * rescale[:, None] + weight[:, None] * energy
-            denominator = denominator * rescale + weight
-            run_max = new_max
-            x = numerator / denominator[:, None]
+            edge = kind == 2
+            numerator = tl.where(edge[:, None], numerator * rescale[:, None] + weight[:, None] * energy, numerator)
+            denominator = tl.where(edge, denominator * rescale + weight, denominator)
+            run_max = tl.where(edge, new_max, run_max)
+            first = tl.load(start + vector + t * D, mask=rows, other=0.0)
+            ratio = numerator / tl.where(edge, denominator, 1.0)[:, None]  # (the selects keep 0 / 0 out of sight)
+            x = tl.where(edge[:, None], ratio, tl.where((kind == 1)[:, None], first, x))
+            energy = tl.where(edge[:, None], energy, tl.where((kind == 1)[:, None], first, 0.0))
             tl.store(signals + vector + t * D, x, mask=rows)
             tl.store(energies + vector + t * D, energy, mask=rows)
             tl.store(denominators + text * T + t, denominator, mask=live)
@@ -323,13 +333,14 @@ if triton is not None:
 
     @triton.jit
     def _flow_backward_kernel(
-        signals, edge_w, edge_b, edge_pe, edge_logit, denominators, maxima, grad_signals, grad_energies,
-        grad_start, grad_w, grad_b, grad_logit,
+        kinds, signal0, signals, edge_w, edge_b, edge_pe, edge_logit, denominators, maxima, grad_signals,
+        grad_energies, grad_signal0, grad_start, grad_w, grad_b, grad_logit,
         B, T, D: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr,
     ):  # fmt: skip
-        # The recurrence in reverse. With x_t = N_t / D_t (running sums scaled by the running maximum m_t),
-        # A_t = g_t / D_t + exp(m_t - m_{t+1}) A_{t+1} and likewise B_t = -(g_t . x_t) / D_t + ... give
-        # dE_t = w_t A_t and dlogit_t = w_t (A_t . E_t + B_t), with w_t = exp(logit_t - m_t).
+        # The recurrence in reverse. With x_t = N_t / D_t (running sums scaled by the running maximum m_t) at edges
+        # t < u < ..., A_t = g_t / D_t + exp(m_t - m_u) A_u and likewise B_t = -(g_t . x_t) / D_t + ... give
+        # dE_t = w_t A_t and dlogit_t = w_t (A_t . E_t + B_t), with w_t = exp(logit_t - m_t). ``carry`` is the
+        # gradient on the signal of the moment (padding passes it through, a first token takes it).
         text = tl.program_id(0) * BB + tl.arange(0, BB)
         i = tl.arange(0, BD)
         live = text < B
@@ -337,35 +348,40 @@ if triton is not None:
         cube = rows[:, :, None] & (i < D)[None, None, :]
         vector = text[:, None] * T * D + i[None, :]
         matrix = text[:, None, None] * T * D * D + i[None, :, None] * D + i[None, None, :]
-        carry = tl.zeros((BB, BD), tl.float32)  # gradient reaching x_t through the edge that leaves it
+        carry = tl.zeros((BB, BD), tl.float32)
         acc_a = tl.zeros((BB, BD), tl.float32)
         acc_b = tl.sum(acc_a, axis=1)
-        next_max = acc_b
+        next_max = acc_b + float("inf")  # no later edge: its decay exp(m - inf) is 0
         t = T - 1
-        while t > 0:
-            denominator = tl.load(denominators + text * T + t, mask=live, other=1.0)
-            run_max = tl.load(maxima + text * T + t, mask=live, other=0.0)
-            x = tl.load(signals + vector + t * D, mask=rows, other=0.0)
+        while t >= 0:
+            kind = tl.load(kinds + text * T + t, mask=live, other=0)
+            edge = kind == 2
             g = tl.load(grad_signals + vector + t * D, mask=rows, other=0.0) + carry
-            decay = tl.where(t == T - 1, 0.0, tl.exp(run_max - next_max))  # (BB,)
-            acc_a = g / denominator[:, None] + decay[:, None] * acc_a
-            acc_b = -tl.sum(g * x, axis=1) / denominator + decay * acc_b
-            next_max = run_max
+            g_energy = tl.load(grad_energies + vector + t * D, mask=rows, other=0.0)
+            denominator = tl.load(denominators + text * T + t, mask=live & edge, other=1.0)
+            run_max = tl.load(maxima + text * T + t, mask=live & edge, other=0.0)
+            x = tl.load(signals + vector + t * D, mask=rows, other=0.0)
+            decay = tl.exp(run_max - next_max)  # (BB,)
+            acc_a = tl.where(edge[:, None], g / denominator[:, None] + decay[:, None] * acc_a, acc_a)
+            acc_b = tl.where(edge, -tl.sum(g * x, axis=1) / denominator + decay * acc_b, acc_b)
+            next_max = tl.where(edge, run_max, next_max)
             weight = tl.exp(tl.load(edge_logit + text * T + t, mask=live, other=0.0) - run_max)
-            previous = tl.load(signals + vector + (t - 1) * D, mask=rows, other=0.0)
-            w = tl.load(edge_w + matrix + t * D * D, mask=cube, other=0.0)
+            before = tl.where(t > 0, signals + vector + (t - 1) * D, signal0 + text[:, None] * D + i[None, :])
+            previous = tl.load(before, mask=rows, other=0.0)
+            w = tl.load(edge_w + matrix + t * D * D, mask=cube & edge[:, None, None], other=0.0)
             z = tl.sum(previous[:, :, None] * w, axis=1) + tl.load(edge_b + vector + t * D, mask=rows, other=0.0)
             z += tl.load(edge_pe + vector + t * D, mask=rows, other=0.0)
             energy, slope = _gelu_and_slope(z)
-            tl.store(grad_logit + text * T + t, weight * (tl.sum(acc_a * energy, axis=1) + acc_b), mask=live)
-            dz = weight[:, None] * acc_a + tl.load(grad_energies + vector + t * D, mask=rows, other=0.0)
-            dz = tl.where(rows, dz * slope, 0.0)
+            d_logit = weight * (tl.sum(acc_a * energy, axis=1) + acc_b)
+            tl.store(grad_logit + text * T + t, tl.where(edge, d_logit, 0.0), mask=live)
+            dz = tl.where(rows & edge[:, None], (weight[:, None] * acc_a + g_energy) * slope, 0.0)
             tl.store(grad_w + matrix + t * D * D, previous[:, :, None] * dz[:, None, :], mask=cube)
             tl.store(grad_b + vector + t * D, dz, mask=rows)
-            carry = tl.sum(w * dz[:, None, :], axis=2)
+            is_first = (kind == 1)[:, None]
+            tl.store(grad_start + vector + t * D, tl.where(is_first, g + g_energy, 0.0), mask=rows)
+            carry = tl.where(edge[:, None], tl.sum(w * dz[:, None, :], axis=2), tl.where(is_first, 0.0, g))
             t -= 1
-        g0 = tl.load(grad_signals + vector, mask=rows, other=0.0) + tl.load(grad_energies + vector, mask=rows, other=0.0)
-        tl.store(grad_start + text[:, None] * D + i[None, :], g0 + carry, mask=rows)
+        tl.store(grad_signal0 + text[:, None] * D + i[None, :], carry, mask=rows)
 
 
 def _block(d):
@@ -452,41 +468,46 @@ def edge_nll(signal, pe, weights, biases, sources, targets, row_ptr, col_idx, sp
 
 class _SignalFlow(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, start, edge_w, edge_b, edge_pe, edge_logit):
+    def forward(ctx, kinds, start, edge_w, edge_b, edge_pe, edge_logit, signal0, numerator0, denominator0, max0):
         B, T, d = edge_pe.shape
-        args = [t.contiguous() for t in (start, edge_w, edge_b, edge_pe, edge_logit)]
+        inputs = [t.contiguous() for t in (kinds, start, edge_w, edge_b, edge_pe, edge_logit)]
+        state = [t.contiguous() for t in (signal0, numerator0, denominator0, max0)]
         signals, energies = start.new_empty(B, T, d), start.new_empty(B, T, d)
-        denominators, maxima = start.new_zeros(B, T), start.new_zeros(B, T)
+        denominators, maxima = start.new_empty(B, T), start.new_empty(B, T)
         BB = _texts_per_program(B)
-        grid = (triton.cdiv(B, BB),)
-        _flow_forward_kernel[grid](*args, signals, energies, denominators, maxima, B, T, D=d, BD=_block(d), BB=BB)
-        ctx.save_for_backward(signals, *args[1:], denominators, maxima)
+        _flow_forward_kernel[(triton.cdiv(B, BB),)](
+            *inputs, *state, signals, energies, denominators, maxima, B, T, D=d, BD=_block(d), BB=BB
+        )
+        kinds, _, edge_w, edge_b, edge_pe, edge_logit = inputs
+        ctx.save_for_backward(kinds, state[0], signals, edge_w, edge_b, edge_pe, edge_logit, denominators, maxima)
         ctx.mark_non_differentiable(denominators, maxima)
         return signals, energies, denominators, maxima
 
     @staticmethod
     def backward(ctx, grad_signals, grad_energies, _grad_denominators, _grad_maxima):
-        signals, edge_w, edge_b, edge_pe, edge_logit, denominators, maxima = ctx.saved_tensors
+        kinds, signal0, signals, edge_w, edge_b, edge_pe, edge_logit, denominators, maxima = ctx.saved_tensors
         B, T, d = signals.shape
         grad_signals = torch.zeros_like(signals) if grad_signals is None else grad_signals.contiguous()
         grad_energies = torch.zeros_like(signals) if grad_energies is None else grad_energies.contiguous()
-        grad_start = signals.new_empty(B, d)
-        grad_w, grad_b = torch.zeros_like(edge_w), torch.zeros_like(edge_b)
-        grad_logit = torch.zeros_like(edge_logit)
+        grad_signal0, grad_start = torch.empty_like(signal0), torch.empty_like(signals)
+        grad_w, grad_b, grad_logit = torch.empty_like(edge_w), torch.empty_like(edge_b), torch.empty_like(edge_logit)
         BB = _texts_per_program(B)
         _flow_backward_kernel[(triton.cdiv(B, BB),)](
-            signals, edge_w, edge_b, edge_pe, edge_logit, denominators, maxima, grad_signals, grad_energies,
-            grad_start, grad_w, grad_b, grad_logit, B, T, D=d, BD=_block(d), BB=BB,
+            kinds, signal0, signals, edge_w, edge_b, edge_pe, edge_logit, denominators, maxima, grad_signals,
+            grad_energies, grad_signal0, grad_start, grad_w, grad_b, grad_logit, B, T, D=d, BD=_block(d), BB=BB,
         )  # fmt: skip
-        grad_pe = grad_b.clone() if ctx.needs_input_grad[3] else None  # d z / d pe = d z / d b
-        return grad_start, grad_w, grad_b, grad_pe, grad_logit
+        grad_pe = grad_b.clone() if ctx.needs_input_grad[4] else None  # d z / d pe = d z / d b
+        return None, grad_start, grad_w, grad_b, grad_pe, grad_logit, grad_signal0, None, None, None
 
 
-def signal_flow(start, edge_w, edge_b, edge_pe, edge_logit):
-    """The recurrence over unpadded texts from a fresh state, as in ``BriLLMModel._flow_unpadded``.
+def signal_flow(kinds, start, edge_w, edge_b, edge_pe, edge_logit, signal0, numerator0, denominator0, max0):
+    """The signal recurrence over a chunk (``BriLLMModel._flow``'s loop) in one kernel launch forward and backward.
 
-    start (B, d) the signal leaving each first token; edge_w (B, T, d, d), edge_b, edge_pe (B, T, d) and edge_logit
-    (B, T) of the edge arriving at each position (column 0 unused), float32. Returns signals and energies (B, T, d)
-    (column 0: ``start``) and the running softmax's denominator and maximum logit (B, T), the cache's state.
+    kinds (B, T) int32: 0 padding (state kept), 1 a text's first token, 2 an edge arriving at the token. start (B, T,
+    d) the signal of a first token; edge_w (B, T, d, d), edge_b and edge_pe (B, T, d), edge_logit (B, T) of each
+    arriving edge (ignored elsewhere); the state before the chunk: signal0, numerator0 (B, d), denominator0 and
+    max0 (B,) (a fresh state: zeros). All float32. Returns signals and energies (B, T, d) (energy 0 at padding, the
+    start signal at a first token) and the running denominator and maximum logit after each position (B, T), which
+    carry no gradient. Gradients flow to start, edge_w, edge_b, edge_pe, edge_logit and signal0.
     """
-    return _SignalFlow.apply(start, edge_w, edge_b, edge_pe, edge_logit)
+    return _SignalFlow.apply(kinds, start, edge_w, edge_b, edge_pe, edge_logit, signal0, numerator0, denominator0, max0)
