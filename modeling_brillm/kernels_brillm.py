@@ -409,7 +409,8 @@ class _EdgeNLL(torch.autograd.Function):
         own_hit = torch.zeros(N, dtype=torch.int32, device=signal.device)
         shared_score = signal.new_empty(N, dtype=torch.float32)
         tables = (col_idx, plan.order, plan.first, plan.count, plan.lo, plan.degree)
-        _loss_forward_kernel[(N, _SPLITS)](
+        groups = min(N, vocab_size)  # at most one group per node: the grid needs no look at the plan
+        _loss_forward_kernel[(groups, _SPLITS)](
             signal, pe, weights, biases, targets, *tables, part_max, part_sum, own_score, own_hit, shared_score,
             SPLITS=_SPLITS, D=d, BD=_block(d), BP=_BLOCK_P,
         )  # fmt: skip
@@ -419,7 +420,7 @@ class _EdgeNLL(torch.autograd.Function):
         own = own_hit.bool()
         nll = log_z - torch.where(own, own_score, shared_score)
         ctx.save_for_backward(signal, pe, weights, biases, targets, col_idx, log_z, shared_term, own)
-        ctx.plan, ctx.sparse, ctx.link = plan, sparse, link
+        ctx.plan, ctx.sparse, ctx.link, ctx.groups = plan, sparse, link, groups
         return nll.to(signal.dtype)
 
     @staticmethod
@@ -435,7 +436,7 @@ class _EdgeNLL(torch.autograd.Function):
         grad_pe_part = torch.zeros_like(grad_x_part)
         grad_shared_z = signal.new_zeros(N, d, dtype=torch.float32)
         tables = (col_idx, plan.order, plan.first, plan.count, plan.lo, plan.degree, grad_w.destination)
-        _loss_backward_kernel[(N, _SPLITS)](
+        _loss_backward_kernel[(ctx.groups, _SPLITS)](
             signal, pe, weights, biases, targets, *tables, grad_nll, log_z, shared_prob,
             grad_w.values, grad_b.values, grad_x_part, grad_pe_part, grad_shared_z,
             N, SPLITS=_SPLITS, D=d, BD=_block(d), BP=_BLOCK_P,
