@@ -409,7 +409,7 @@ class _EdgeNLL(torch.autograd.Function):
         own_hit = torch.zeros(N, dtype=torch.int32, device=signal.device)
         shared_score = signal.new_empty(N, dtype=torch.float32)
         tables = (col_idx, plan.order, plan.first, plan.count, plan.lo, plan.degree)
-        groups = min(N, vocab_size)  # at most one group per node: the grid needs no look at the plan
+        groups = min(N, vocab_size + 1)  # one group per node and one of unscored positions: no look at the plan
         _loss_forward_kernel[(groups, _SPLITS)](
             signal, pe, weights, biases, targets, *tables, part_max, part_sum, own_score, own_hit, shared_score,
             SPLITS=_SPLITS, D=d, BD=_block(d), BP=_BLOCK_P,

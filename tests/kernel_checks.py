@@ -52,7 +52,7 @@ def reference_nll(signal, pe, weights, biases, sources, targets, row_ptr, col_id
     return F.cross_entropy(scores, targets, reduction="none"), slots
 
 
-def check_edge_nll(d, kind, seed=0, V=20, N=40):
+def check_edge_nll(d, kind, seed=0, V=16, N=24):
     """edge_nll and its four gradients against `reference_nll`, dense and sparse gradient layouts."""
     row_ptr, col_idx = graph(kind, V, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -165,7 +165,7 @@ def step(model, backend, sparse, ids, mask, labels):
     return out, {n: g.to_dense() if g.is_sparse else g for n, g in grads.items()}
 
 
-def check_training_step(d, kind, padding, sparse, seed=0, V=24, B=3, T=10):
+def check_training_step(d, kind, padding, sparse, seed=0, V=16, B=3, T=8):
     """One model training step, kernel path against the PyTorch path: loss and every parameter's gradient."""
     model = make_model(V, d, kind, seed)
     batch = training_batch(V, B, T, seed + 1, padding)
@@ -176,7 +176,7 @@ def check_training_step(d, kind, padding, sparse, seed=0, V=24, B=3, T=10):
     return result
 
 
-def check_bf16_training_step(d=16, seed=0, V=24, B=3, T=10):
+def check_bf16_training_step(d=16, seed=0, V=16, B=3, T=8):
     """bf16 weights on the kernel path against float32 weights holding the same (bf16-rounded) values."""
     low = make_model(V, d, "sparse", seed, torch.bfloat16)
     high = make_model(V, d, "sparse", seed)
@@ -189,7 +189,7 @@ def check_bf16_training_step(d=16, seed=0, V=24, B=3, T=10):
     return result
 
 
-def check_no_grad_kernel(d=32, seed=0, V=40):
+def check_no_grad_kernel(d=32, seed=0, V=24):
     """The no-grad `_scores_kernel` (eval, generate) against PyTorch scoring, with padding and bf16 weights."""
     from modeling_brillm.modeling_brillm import triton_scores
 
@@ -220,7 +220,7 @@ COMPUTE_OPS_SKIPPED = ("view", "as_strided", "select", "slice", "expand", "resha
                        "contiguous", "to", "_to_copy", "is_nonzero", "item", "_local_scalar_dense", "numpy_T")  # fmt: skip
 
 
-def count_operators(backend, sources, T, B=2, V=48, d=8, seed=0):
+def count_operators(backend, sources, T, B=2, V=24, d=8, seed=0):
     """Operator calls of one training step, forward + backward, as a GPU would launch them: compute operators (views
     and metadata left out) plus Triton kernel launches; the interpreter's own tensor handling inside a launch is
     not counted. ``sources``: the number of nodes the batch draws its tokens from (few or many)."""
@@ -284,5 +284,9 @@ def time_recurrence(T, B=8, d=32, repeats=1):
 
 if __name__ == "__main__":  # python kernel_checks.py NAME '{"kwarg": value}' ...
     checks = {name: obj for name, obj in globals().items() if name.startswith(("check_", "count_", "time_"))}
-    results = [checks[name](**json.loads(kwargs)) for name, kwargs in zip(sys.argv[1::2], sys.argv[2::2])]
+    results = []
+    for name, kwargs in zip(sys.argv[1::2], sys.argv[2::2]):
+        begin = time.perf_counter()
+        results.append(checks[name](**json.loads(kwargs)))
+        print(f"{name} {kwargs}: {time.perf_counter() - begin:.1f} s", file=sys.stderr)
     print("RESULTS " + json.dumps(results))
