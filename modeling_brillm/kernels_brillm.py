@@ -12,10 +12,12 @@ Functional API (all tensors on one device; N scored positions, d width, P slots,
   col_idx) is the exact next-token negative log-likelihood (N,) over the whole vocabulary (SPEC 4: log-sum-exp of
   the own scores and ``log(V - n_own) + shared score``), differentiable in signal, pe, weights and biases. No
   (N, V) tensor exists on this path. Weight gradients are dense (P, ...) or, with ``sparse=True``, a coalesced
-  sparse COO tensor over slot 0 and the touched sources' slabs, the model's layout.
-- `signal_flow` (start (B, d), edge_w (B, T, d, d), edge_b (B, T, d), edge_pe (B, T, d), edge_logit (B, T)) is the
-  whole-sequence recurrence of unpadded texts from a fresh state: signals and energies (B, T, d), one program per
-  text looping over T in forward and backward (linear in T).
+  sparse COO tensor over slot 0 and the touched sources' slabs, the model's layout (its size, the number of
+  touched slots, is the one value the host reads, in backward, and only for sparse gradients).
+  Launches: one forward kernel, one backward kernel, a grid of (min(N, V + 1) groups, 4 row splits).
+- `signal_flow` (kinds, start, edge_w, edge_b, edge_pe, edge_logit (B, T, ...), and the state before the chunk)
+  is the whole recurrence of a chunk, padding and a running state included: signals and energies (B, T, d), one
+  program per text looping over T in forward and in backward (linear in T).
 
 `BRILLM_KERNELS=triton` forces these kernels on any device (on a CPU under ``TRITON_INTERPRET=1``, which must be
 set before triton is imported), ``=torch`` forces PyTorch, unset means Triton on CUDA when triton is installed.
@@ -458,7 +460,7 @@ def edge_nll(signal, pe, weights, biases, sources, targets, row_ptr, col_idx, sp
     signal, pe (N, d) in the compute dtype (float32); weights (P, d, d) and biases (P, 1, d) in their own dtype (a
     bf16 slab is read as bf16 and accumulated in float32); sources, targets (N,); row_ptr (V+1,), col_idx (P-1,).
     ``sparse``: sparse COO gradients for weights and biases; ``link``: the model's gradient link, so that the
-    recurrence's true-edge gather adds into the same gradient (see ``modeling_brillm._GradientLink``).
+    recurrence's true-edge gather adds into the same gradient (see ``scoring_brillm.GradientLink``).
     """
     if plan is None:
         plan = scoring_plan(sources, row_ptr)
@@ -502,7 +504,7 @@ class _SignalFlow(torch.autograd.Function):
 
 
 def signal_flow(kinds, start, edge_w, edge_b, edge_pe, edge_logit, signal0, numerator0, denominator0, max0):
-    """The signal recurrence over a chunk (``BriLLMModel._flow``'s loop) in one kernel launch forward and backward.
+    """The signal recurrence over a chunk (``signal_brillm.flow_reference``'s loop) in one launch forward, one backward.
 
     kinds (B, T) int32: 0 padding (state kept), 1 a text's first token, 2 an edge arriving at the token. start (B, T,
     d) the signal of a first token; edge_w (B, T, d, d), edge_b and edge_pe (B, T, d), edge_logit (B, T) of each

@@ -85,7 +85,7 @@ def check_edge_nll(d, kind, seed=0, V=16, N=24):
 
 
 def reference_flow(kinds, start, edge_w, edge_b, edge_pe, edge_logit, signal0, numerator0, denominator0, max0):
-    """`BriLLMModel._flow`'s loop written out: the running softmax, position by position."""
+    """`signal_brillm.flow_reference`'s loop written out: the running softmax, position by position."""
     x, num, den, m = signal0, numerator0, denominator0, max0
     signals, energies = [], []
     for t in range(kinds.shape[1]):
@@ -191,7 +191,7 @@ def check_bf16_training_step(d=16, seed=0, V=16, B=3, T=8):
 
 def check_no_grad_kernel(d=32, seed=0, V=24):
     """The no-grad `_scores_kernel` (eval, generate) against PyTorch scoring, with padding and bf16 weights."""
-    from modeling_brillm.modeling_brillm import triton_scores
+    from modeling_brillm.scoring_brillm import triton_scores
 
     os.environ["BRILLM_KERNELS"] = "triton"
     result = {}
