@@ -182,6 +182,33 @@ def bench_generate(model, device, batch, new_tokens):
     return {"tokens_per_s": batch * new_tokens / seconds, "ms": 1e3 * seconds, "bytes": slab_bytes(model, out[:, 3:-1])}
 
 
+def bench_recurrence(device, lengths, B=8, d=32):
+    """Seconds of the recurrence's forward + backward alone (`signal_brillm.flow`) per backend and length: the
+    kernel's cost is linear in T (at most 5x from T = 256 to 1024 is the bound the tests hold it to)."""
+    from modeling_brillm.signal_brillm import BriLLMCache, EdgeInputs, flow
+
+    seconds = {}
+    for backend in ("torch", "triton"):
+        for T in lengths:
+            tensors = [torch.randn(B, T, d, device=device), torch.rand(B, T, d, d, device=device) - 0.5,
+                       torch.rand(B, T, d, device=device) - 0.5]  # fmt: skip
+            for t in tensors:
+                t.requires_grad_()
+            tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+            before = torch.arange(T, device=device).expand(B, T)
+            pe, logits = torch.randn(B, T, d, device=device), torch.ones(B, T, device=device)
+
+            def run():
+                cache = BriLLMCache()
+                cache.initialize(B, d, device, torch.float32)
+                edges = EdgeInputs(tokens, tokens >= 0, before, tensors[0], tensors[1], tensors[2], pe, logits)
+                signals, _ = flow(cache, edges)
+                signals.sum().backward()
+
+            seconds[f"{backend} T={T}"] = with_backend(backend, lambda: timed(run, device, repeats=3))
+    return seconds
+
+
 def table(rows, bandwidth):
     print(f"{'workload':<34} {'tokens/s':>12} {'ms':>10} {'slab MB':>10} {'of copy bw':>11}")
     for name, row in rows.items():
@@ -259,6 +286,9 @@ def main():
         del model
     table(rows, bandwidth)
     results["rows"] = rows
+    recurrence = bench_recurrence(device, (16, 64) if args.smoke else (256, 1024), B=2 if args.smoke else 8)
+    results["recurrence_seconds"] = recurrence
+    print("recurrence fwd+bwd (B=8, d=32):", ", ".join(f"{k}: {1e3 * v:.1f} ms" for k, v in recurrence.items()))
     gpus = torch.cuda.device_count() if device.type == "cuda" else 1
     if gpus > 1:
         command = ["torchrun", f"--nproc_per_node={gpus}", __file__, "--worker"]
