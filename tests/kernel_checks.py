@@ -245,7 +245,7 @@ def count_operators(backend, sources, T, B=2, V=24, d=8, seed=0):
             model(ids, labels=ids).loss.backward()
     finally:
         InterpretedFunction.run = run
-    launches, ops = 0, 0
+    launches, ops, detail = 0, 0, {}
     for event in prof.events():
         if event.name == "triton_launch":
             launches += 1
@@ -255,7 +255,9 @@ def count_operators(backend, sources, T, B=2, V=24, d=8, seed=0):
             inside, parent = parent.name == "triton_launch", parent.cpu_parent
         if not inside and event.name.startswith("aten::") and event.name[6:] not in COMPUTE_OPS_SKIPPED:
             ops += 1
-    return {"ops": ops, "launches": launches, "total": ops + launches, "distinct_sources": len(set(ids.view(-1).tolist()))}
+            detail[event.name] = detail.get(event.name, 0) + 1
+    distinct = len(set(ids.view(-1).tolist()))
+    return {"ops": ops, "launches": launches, "total": ops + launches, "distinct_sources": distinct, "detail": detail}
 
 
 def time_recurrence(T, B=8, d=32, repeats=1):
