@@ -258,8 +258,8 @@ def checkpoint_files(folder):
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     BriLLMForCausalLM(BriLLMConfig(vocab_size=8, hidden_size=4)).save_pretrained(folder)
     ...     [path.name for path in checkpoint_files(folder)]  # doctest: +NORMALIZE_WHITESPACE
-    ['config.json', 'configuration_brillm.py', 'generation_config.json', 'graph_brillm.py', 'model.safetensors',
-     'modeling_brillm.py', 'scoring_brillm.py', 'signal_brillm.py']
+    ['config.json', 'configuration_brillm.py', 'generation_config.json', 'graph_brillm.py', 'kernels_brillm.py',
+     'model.safetensors', 'modeling_brillm.py', 'scoring_brillm.py', 'signal_brillm.py']
 
     ```
     """

@@ -24,7 +24,16 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_brillm import BriLLMConfig
 from .graph_brillm import BriLLMEdgeGraph
-from .scoring_brillm import GradientLink, gather_slots, next_token_logits, plan_scoring, score, single_source_plan
+from .scoring_brillm import (
+    GradientLink,
+    gather_slots,
+    kernel_loss_wanted,
+    next_token_logits,
+    next_token_loss,
+    plan_scoring,
+    score,
+    single_source_plan,
+)
 from .signal_brillm import (
     BriLLMCache,
     EdgeInputs,
@@ -56,6 +65,7 @@ class BriLLMModelOutput(ModelOutput):
         cache: the `BriLLMCache` after this chunk, when ``use_cache``.
         hidden_states: ``(last_hidden_state,)`` when ``output_hidden_states``.
         logits: (B, T', V) next-token scores of the last T' tokens, when ``logits_to_keep`` is given.
+        loss: the causal-LM loss of ``labels`` when the Triton kernels computed it (no logits then).
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -64,6 +74,7 @@ class BriLLMModelOutput(ModelOutput):
     cache: BriLLMCache | None = None
     hidden_states: tuple | None = None
     logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
 
 
 _NO_EMBEDDINGS = (
@@ -209,12 +220,17 @@ class BriLLMModel(BriLLMPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         logits_to_keep=None,
+        labels=None,
         **kwargs,
     ):
         r"""
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Also score the next token of the last ``logits_to_keep`` positions (0: all), or of the given column
             indices; the scores are ``logits`` of the output. Without it nothing is scored.
+        labels (`torch.Tensor`, *optional*):
+            Causal-LM labels (B, T) as `BriLLMForCausalLM` takes them. On a training step where the Triton kernels
+            run (``kernels_brillm.kernels_wanted``), the output's ``loss`` is their loss, computed without logits
+            (``logits`` is then None); anywhere else they are ignored here.
         """
         self.graph.check()
         cache = _pick_cache(past_key_values, cache)
@@ -236,10 +252,16 @@ class BriLLMModel(BriLLMPreTrainedModel):
         if torch.is_grad_enabled() and (self.weights.requires_grad or self.biases.requires_grad):
             link = GradientLink(self.sparse_gradients)
         edges = self._edge_inputs(input_ids, mask, cache, link)
+        past = cache.seen_positions
         signals, energies = flow(cache, edges)
         signal_positions = torch.where(mask, edges.tokens_before, torch.full_like(edges.tokens_before, -1))
-        logits = None
-        if logits_to_keep is not None:
+        logits = loss = None
+        if labels is not None and kernel_loss_wanted(signals, logits_to_keep, kwargs):
+            loss = next_token_loss(
+                self.graph, self.weights, self.biases, input_ids, signals, signal_positions, labels,
+                self.config.position_shift, past, self.sparse_gradients, link, **kwargs,
+            )  # fmt: skip
+        elif logits_to_keep is not None:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self._logits(input_ids[:, keep], signals[:, keep], signal_positions[:, keep], link)
         output = BriLLMModelOutput(
@@ -249,6 +271,7 @@ class BriLLMModel(BriLLMPreTrainedModel):
             cache=cache if use_cache else None,
             hidden_states=(signals,) if output_hidden_states else None,
             logits=logits,
+            loss=loss,
         )
         return output if return_dict else output.to_tuple()
 
@@ -508,9 +531,11 @@ class BriLLMForCausalLM(BriLLMPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             logits_to_keep=logits_to_keep,
+            labels=labels,
+            **kwargs,
         )
-        loss = None
-        if labels is not None:
+        loss = outputs.loss  # set when the Triton kernels computed it (a training step; no logits then)
+        if labels is not None and loss is None:
             loss = self.loss_function(logits=outputs.logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(
             loss=loss, logits=outputs.logits, past_key_values=outputs.cache, hidden_states=outputs.hidden_states

@@ -8,15 +8,19 @@ of them take one score: a position costs its source's own slots plus one shared 
 on its own, as the spec states it); the fast paths group positions by source (`ScoringPlan`) so each slab is read
 once per batch — `EdgeScores` (autograd, a single slot gradient per parameter, dense or sparse) and, without
 autograd, in-place PyTorch or the Triton kernel on CUDA.
-This file is a flat sibling of ``modeling_brillm.py`` (remote code): it imports only torch, numpy and, when
-installed, triton.
+`next_token_loss` is the training loss without logits, by the Triton kernels of ``kernels_brillm``.
+This file is a flat sibling of ``modeling_brillm.py`` (remote code): it imports only torch, numpy, its siblings and,
+when installed, triton.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from .kernels_brillm import edge_nll, kernels_wanted
 from .signal_brillm import gelu, sinusoidal_positions
 
 @dataclass
@@ -302,7 +306,8 @@ if triton is not None:
 
 
 class _TritonScores:
-    """The scores (M + N,) of a plan by `_scores_kernel`, for no-grad float32 scoring on CUDA with triton installed.
+    """The scores (M + N,) of a plan by `_scores_kernel`, for no-grad float32 scoring where `kernels_wanted` (CUDA with
+    triton installed, or ``BRILLM_KERNELS=triton``).
 
     PyTorch (`preactivations`) computes the same everywhere else; ``triton_scores.enabled = False`` turns it off.
     """
@@ -313,7 +318,7 @@ class _TritonScores:
         return triton is not None and torch.cuda.is_available()
 
     def usable(self, signal):
-        return self.enabled and signal.is_cuda and signal.dtype == torch.float32 and self.available()
+        return self.enabled and signal.dtype == torch.float32 and triton is not None and kernels_wanted(signal.device)
 
     def __call__(self, signal, pe, weights, biases, plan):
         N, d = signal.shape
@@ -392,13 +397,46 @@ def next_token_logits(graph, weights, biases, sources, signals, signal_positions
     return logits.view(B, T, V).float()
 
 
+def kernel_loss_wanted(signals, logits_to_keep, loss_kwargs):
+    """Whether a forward with labels takes its loss from `next_token_loss` (and scores no logits): a training step
+    (autograd on) on the kernel path, all positions kept and no loss arguments other than ``num_items_in_batch``."""
+    plain = logits_to_keep in (0, None) and set(loss_kwargs) <= {"num_items_in_batch"}
+    return torch.is_grad_enabled() and plain and kernels_wanted(signals.device)
+
+
+def next_token_loss(graph, weights, biases, sources, signals, signal_positions, labels, position_shift, past,
+                    sparse=False, link=None, num_items_in_batch=None):  # fmt: skip
+    """The causal-LM loss of `next_token_logits` (mean cross-entropy of the exact full-vocabulary logits against the
+    labels shifted by one, -100 ignored, as ``ForCausalLMLoss``) without any (B, T, V) tensor: `kernels_brillm.edge_nll`.
+
+    sources and labels (B, T), signals (B, T, d), signal_positions (B, T) (-1 at padding: a label after a padded
+    position costs log V, as its all-zero logits would), ``past`` columns before this chunk. No host round trip.
+    """
+    B, T = sources.shape
+    V, d = graph.vocab_size, signals.shape[-1]
+    next_tokens = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)  # (B * T,)
+    positions = signal_positions.reshape(-1)
+    valid = next_tokens != -100
+    scored = valid & (positions >= 0)
+    signals = signals.reshape(-1, d)
+    table = sinusoidal_positions(past + T + position_shift, d, signals.device).to(signals.dtype)
+    pe = table[(positions + position_shift).clamp(min=0)]
+    sources = torch.where(scored, sources.reshape(-1), -1)  # unscored positions read no slab
+    nll = edge_nll(signals, pe, weights, biases, sources, next_tokens.clamp(min=0), graph.row_ptr, graph.col_idx,
+                   sparse=sparse, link=link)  # fmt: skip
+    total = torch.where(scored, nll, 0.0).sum() + math.log(V) * (valid & ~scored).sum()
+    return total / (valid.sum() if num_items_in_batch is None else num_items_in_batch)
+
+
 __all__ = [
     "EdgeScores",
     "GradientLink",
     "ScoringPlan",
     "SlotGradient",
     "gather_slots",
+    "kernel_loss_wanted",
     "next_token_logits",
+    "next_token_loss",
     "plan_scoring",
     "reference_scores",
     "score",

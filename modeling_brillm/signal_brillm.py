@@ -7,7 +7,8 @@ numerator and denominator, so the whole state of a text is O(d).
 
 `flow` is the one dispatch point: `flow_reference` is the plain loop over positions (padding, a running cache,
 recording for roll-back), `flow_unpadded` the fast path for whole texts from a fresh cache (training, evaluation).
-This file is a flat sibling of ``modeling_brillm.py`` (remote code): it imports only torch.
+This file is a flat sibling of ``modeling_brillm.py`` (remote code): it imports only torch and its sibling
+``kernels_brillm`` (whose triton is optional).
 """
 
 import math
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .kernels_brillm import kernels_wanted, signal_flow
 
 
 _POSITIONAL_TABLES = {}
@@ -239,7 +242,10 @@ class EdgeInputs:
 
 def flow(cache, edges):
     """Advance ``cache`` over a chunk, left to right: the signals (B, T, d) leaving and energies (B, T, d) arriving
-    at each token (zero at padding). Whole texts from a fresh cache take `flow_unpadded`, the rest `flow_reference`."""
+    at each token (zero at padding). Where `kernels_wanted` (float32, no recorded past) the Triton kernel takes any
+    chunk (`flow_kernel`); otherwise whole texts from a fresh cache take `flow_unpadded`, the rest `flow_reference`."""
+    if kernels_wanted(edges.start.device) and edges.start.dtype == torch.float32 and not cache.record_past:
+        return flow_kernel(cache, edges)
     if cache.seen_positions == 0 and not cache.record_past and bool(edges.mask.all()):
         return flow_unpadded(cache, edges)
     return flow_reference(cache, edges)
@@ -274,6 +280,30 @@ def flow_reference(cache, edges):
         signals.append(cache.signal)
         energies.append(torch.where(is_edge[:, None], energy, torch.where(is_first, start, torch.zeros_like(energy))))
     return torch.stack(signals, 1), torch.stack(energies, 1)
+
+
+def flow_kernel(cache, edges):
+    """`flow` by `kernels_brillm.signal_flow`: one launch forward and one backward for the whole chunk (B, T)."""
+    present = edges.mask
+    kinds = (present & (edges.tokens_before == 0)).int() + 2 * (present & (edges.tokens_before > 0)).int()
+    state = (cache.signal, cache.numerator, cache.denominator, cache.max_logit)
+    signals, energies, denominators, maxima = signal_flow(
+        kinds, edges.start, edges.weights, edges.biases, edges.pe, edges.logits, *state
+    )
+    B, T = edges.tokens.shape
+    column = torch.arange(T, device=present.device).expand(B, T)
+    last = torch.where(present, column, -1).max(1, keepdim=True).values  # (B, 1) last real column, -1 for none
+    signal, denominator = signals[:, -1], denominators[:, -1]
+    cache.advance(
+        T,
+        signal=signal,
+        numerator=signal * denominator[:, None],  # (0 while a text has no edge yet)
+        denominator=denominator,
+        max_logit=torch.where(denominator > 0, maxima[:, -1], cache.max_logit),
+        last_token=torch.where(last[:, 0] >= 0, edges.tokens.gather(1, last.clamp(min=0))[:, 0], cache.last_token),
+        num_tokens=cache.num_tokens + present.sum(1),
+    )
+    return signals, energies
 
 
 def flow_unpadded(cache, edges):
@@ -319,6 +349,7 @@ __all__ = [
     "compute_dtype",
     "edge_energy",
     "flow",
+    "flow_kernel",
     "flow_reference",
     "flow_unpadded",
     "gelu",

@@ -30,6 +30,7 @@ CODE_AND_WEIGHTS = {
     "configuration_brillm.py",
     "generation_config.json",
     "graph_brillm.py",
+    "kernels_brillm.py",
     "model.safetensors",
     "modeling_brillm.py",
     "scoring_brillm.py",
