@@ -250,7 +250,7 @@ class BriLLMModel(BriLLMPreTrainedModel):
             cache.initialize(input_ids.shape[0], self.config.hidden_size, input_ids.device, dtype)
         link = None  # the arriving-edge gather's gradient: sparse when asked, shared with the scoring's
         if torch.is_grad_enabled() and (self.weights.requires_grad or self.biases.requires_grad):
-            link = GradientLink(self.sparse_gradients)
+            link = GradientLink(self.sparse_gradients, self.weights)
         edges = self._edge_inputs(input_ids, mask, cache, link)
         past = cache.seen_positions
         signals, energies = flow(cache, edges)

@@ -14,6 +14,7 @@ when installed, triton.
 """
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,13 +163,24 @@ class GradientLink:
     signals): it leaves its `SlotGradient`s here, tagged with the running backward pass, and the gather's backward
     in that same pass adds its rows into them and returns no gradient of its own. (Autograd hands a parameter its
     gradient only after every branch that reads it has run, so the kernel's tensor is still in flight then.)
+
+    That holds only while one forward's graph feeds the parameter: when a backward runs through two forwards
+    (``(loss_a + loss_b).backward()``), autograd may already have summed the first kernel gradient into a new
+    tensor. So nothing is left here while another link of the same parameters is alive (its graph not yet freed):
+    each gather then returns its own gradient, slower but exact.
     """
 
-    def __init__(self, sparse):
+    _alive = weakref.WeakSet()  # links whose forward graph still exists
+
+    def __init__(self, sparse, owner):
         self.sparse = sparse
+        self.owner = id(owner)  # the parameter both branches read
         self.pending = {}  # "weights" / "biases" -> (backward pass id, SlotGradient)
+        GradientLink._alive.add(self)
 
     def leave(self, name, gradient):
+        if any(link is not self and link.owner == self.owner for link in list(GradientLink._alive)):
+            return
         self.pending[name] = (torch._C._current_graph_task_id(), gradient)
 
     def take(self, name):

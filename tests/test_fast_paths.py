@@ -313,3 +313,22 @@ def test_scoring_fast_paths_equal_the_reference(dense):
     assert max_error(fast, expected) < 1e-5 and max_error(in_place, expected) < 1e-5
     for got, want in zip(grads_fast, grads_expected):
         assert max_error(got, want) < 1e-4 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_one_backward_through_two_forwards(sparse):
+    """The gather's in-place addition into the scoring gradient must not be lost when one backward runs through
+    two forwards (autograd may have summed the first scoring gradient already)."""
+    model = make_model(seed=3)
+    model.set_sparse_gradients(sparse)
+    first, second = random_ids(3, 6, model.config.vocab_size, seed=1), random_ids(3, 6, model.config.vocab_size, seed=2)
+
+    def gradients(backward):
+        model.zero_grad(set_to_none=True)
+        backward()
+        return {k: getattr(model.model, k).grad.to_dense() for k in PARAMS}
+
+    together = gradients(lambda: (model(first, labels=first).loss + model(second, labels=second).loss).backward())
+    apart = gradients(lambda: [model(ids, labels=ids).loss.backward() for ids in (first, second)])
+    for name in PARAMS:
+        assert max_error(together[name], apart[name]) < 1e-6, name
