@@ -15,7 +15,6 @@ distinct token in it (all positions are scored), so its touched slots are ``1 + 
 
 import argparse
 import json
-import math
 import os
 import sys
 import time

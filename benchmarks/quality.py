@@ -351,16 +351,12 @@ def brillm_model(run, graph_counts, tokenizer, vocab_size, seed):
 
 
 def brillm_loss(run, successors):
-    from modeling_brillm.train import sampled_candidates
+    from modeling_brillm.train import objective_loss
 
-    def full(model, ids, mask):
-        return model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False).loss
+    def loss(model, ids, mask):
+        return objective_loss(model, ids, mask, run["objective"], successors, run["num_negatives"])
 
-    def sampled(model, ids, mask):
-        candidates = sampled_candidates(ids, successors, run["num_negatives"])
-        return model.sampled_loss(ids, candidates, attention_mask=mask)
-
-    return full if run["objective"] == "full" else sampled
+    return loss
 
 
 def active_brillm(graph, hidden_size, samples):

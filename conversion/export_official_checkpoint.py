@@ -108,7 +108,7 @@ def write_frequencies(path, vocab, graph):
         file.write("}")
 
 
-def write_atomically(path, write):
+def write_file_atomically(path, write):
     """``write(temporary_path)`` next to ``path``, then rename it to ``path`` (no partial file on failure)."""
     path = Path(path)
     descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-")
@@ -127,12 +127,12 @@ def export(folder, output, vocab_output=None, frequencies_output=None):
     model = load_folder(folder)
     vocab = vocabulary(folder, model.config.vocab_size) if vocab_output or frequencies_output else None
     state = reference_state(model)
-    write_atomically(output, lambda path: torch.save(state, path))
+    write_file_atomically(output, lambda path: torch.save(state, path))
     if vocab_output:
         text = json.dumps(vocab, ensure_ascii=False, indent=2)
-        write_atomically(vocab_output, lambda path: Path(path).write_text(text, encoding="utf-8"))
+        write_file_atomically(vocab_output, lambda path: Path(path).write_text(text, encoding="utf-8"))
     if frequencies_output:
-        write_atomically(frequencies_output, lambda path: write_frequencies(path, vocab, model.get_edge_graph()))
+        write_file_atomically(frequencies_output, lambda path: write_frequencies(path, vocab, model.get_edge_graph()))
     return state
 
 

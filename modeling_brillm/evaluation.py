@@ -107,8 +107,6 @@ def load_model_folder(model_dir, tokenizer_needed="this command reads text", all
     weights is checked before they are read."""
     from transformers import AutoModelForCausalLM
 
-    from . import modeling_brillm  # noqa: F401  (registers BriLLM with the Auto classes)
-
     folder = Path(model_dir)
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such model folder.")

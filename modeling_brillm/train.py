@@ -244,6 +244,17 @@ def sampled_candidates(input_ids, successors, num_negatives):
     return torch.cat([targets.unsqueeze(-1), negatives], dim=-1)
 
 
+def objective_loss(model, input_ids, attention_mask, objective="full", successors=None, num_negatives=400):
+    """The training loss of a batch: ``"full"``, the exact full-vocabulary cross-entropy of every real token;
+    ``"sampled"``, the reference's 1 + ``num_negatives`` candidates drawn from ``successors`` (`top_successors`).
+    One place for `brillm train`, the quality study and the benchmarks."""
+    if objective == "full":
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return model(input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
+    candidates = sampled_candidates(input_ids, successors.to(input_ids.device), num_negatives)
+    return getattr(model, "module", model).sampled_loss(input_ids, candidates, attention_mask=attention_mask)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -641,12 +652,7 @@ def _train(recipe, accelerator, resume, debug_dir):
             if seen is not None:
                 seen.extend(batches[batch_index])
             with accelerator.accumulate(model):
-                if settings.objective == "full":
-                    labels = input_ids.masked_fill(mask == 0, -100)
-                    loss = model(input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
-                else:
-                    candidates = sampled_candidates(input_ids, successors.to(input_ids.device), settings.num_negatives)
-                    loss = accelerator.unwrap_model(model).sampled_loss(input_ids, candidates, attention_mask=mask)
+                loss = objective_loss(model, input_ids, mask, settings.objective, successors, settings.num_negatives)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss.item()} at step {state['step']}: training stopped; the last good checkpoint "
