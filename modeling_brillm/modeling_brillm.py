@@ -11,6 +11,7 @@ This file is copied next to the weights by ``save_pretrained`` and loaded as rem
 torch, transformers and its flat siblings.
 """
 
+import contextvars
 import inspect
 from dataclasses import dataclass
 
@@ -110,8 +111,15 @@ class BriLLMPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, allow_non_finite_weights=False, **kwargs):
         """`PreTrainedModel.from_pretrained`, then the slot map is checked and so are the weights: NaN or infinite
-        values raise `ValueError` unless ``allow_non_finite_weights=True`` (then a warning names them)."""
-        loaded = super().from_pretrained(*args, **kwargs)  # (model, loading_info) with output_loading_info=True
+        values raise `ValueError` unless ``allow_non_finite_weights=True`` (then a warning names them). A checkpoint
+        that lacks a weight is refused, unless the caller asked for the loading info (which lists what is missing
+        and was initialised) or gave no checkpoint at all (``from_pretrained(None, config=..., state_dict=...)``)."""
+        told = kwargs.get("output_loading_info", False)
+        token = _MISSING_WEIGHTS_REPORTED.set(told)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)  # (model, loading_info) with output_loading_info=True
+        finally:
+            _MISSING_WEIGHTS_REPORTED.reset(token)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.get_edge_graph().check()
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
@@ -638,6 +646,10 @@ def _pick_cache(past_key_values, cache):
     return None  # nothing, or a foreign cache object such as an empty DynamicCache: start fresh
 
 
+# Whether the running `from_pretrained` call returns its loading info (then missing weights are reported, not silent).
+_MISSING_WEIGHTS_REPORTED = contextvars.ContextVar("brillm_missing_weights_reported", default=False)
+
+
 def _check_checkpoint_fits_config(model, load_config, loading_info):
     """Raise `ValueError` when the checkpoint's tensors do not fit the config the model was built from.
 
@@ -650,6 +662,8 @@ def _check_checkpoint_fits_config(model, load_config, loading_info):
     config = model.config
     prefix = model.base_model_prefix + "."
     problems, saved = [], {}
+    no_checkpoint = getattr(load_config, "pretrained_model_name_or_path", "") is None
+    missing_allowed = no_checkpoint or _MISSING_WEIGHTS_REPORTED.get()
     for key, checkpoint_shape, model_shape in sorted(getattr(loading_info, "mismatched_keys", ())):
         name = key[len(prefix) :] if key.startswith(prefix) else key
         if name == "positions" and getattr(load_config, "ignore_mismatched_sizes", False):
@@ -668,8 +682,8 @@ def _check_checkpoint_fits_config(model, load_config, loading_info):
         name = key[len(prefix) :] if key.startswith(prefix) else key
         if name.startswith("graph.") and not config.is_dense:  # a dense slot map follows from the config
             problems.append(f"{key} (the slot map of this sparse graph) is missing from the checkpoint")
-        elif name in ("weights", "biases", "node_bias", "positions"):  # never re-initialised at random in silence
-            problems.append(f"{key} is missing from the checkpoint")
+        elif name in ("weights", "biases", "node_bias", "positions") and not missing_allowed:
+            problems.append(f"{key} is missing from the checkpoint")  # never re-initialised at random in silence
     if problems:
         hint = ", ".join(f"{name}={value} (config.json: {getattr(config, name)})" for name, value in saved.items())
         raise ValueError(
