@@ -33,7 +33,7 @@ from .scoring_brillm import (
     next_token_loss,
     plan_scoring,
     score,
-    single_source_plan,
+    score_one,
 )
 from .signal_brillm import (
     BriLLMCache,
@@ -455,8 +455,7 @@ class BriLLMModel(BriLLMPreTrainedModel):
             last_token=token.view(1),
             num_tokens=cache.num_tokens + 1,
         )
-        plan = single_source_plan(graph, target)
-        return score(graph, weights, biases, plan, cache.signal, pe[before + shift : before + shift + 1])
+        return score_one(graph, weights, biases, target, cache.signal, pe[before + shift : before + shift + 1])
 
 
 class _SuppressSelfLoop(LogitsProcessor):

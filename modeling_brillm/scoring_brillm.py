@@ -376,6 +376,21 @@ def score(graph, weights, biases, plan, signals, pe, sparse=False, link=None):
     return logits.index_put_((plan.pair_index,), scores[: plan.num_pairs]).view(-1, V)
 
 
+def score_one(graph, weights, biases, source, signal, pe):
+    """`score` of one position whose source is a host int, as logits (1, V): batch-1 generation's fast path on the
+    CPU, where each tensor operation costs as much as a small slab's arithmetic. The source's slab and the shared
+    slot are computed in one (n + 1, d) block, in place. signal and pe (1, d), in the weights' precision."""
+    lo, hi = graph.row(source)
+    n, d = hi - lo, signal.shape[-1]
+    z = signal.new_empty(n + 1, d)
+    slab = slice(1 + lo, 1 + hi)
+    torch.baddbmm(biases[slab], signal.expand(n, 1, d), weights[slab], out=z[:n].view(n, 1, d))
+    torch.addmm(biases[0], signal, weights[0], out=z[n:])
+    scores = torch.linalg.vector_norm(gelu(z.add_(pe), inplace=True), dim=-1)  # (n + 1,)
+    logits = scores[n:].expand(graph.vocab_size).clone()
+    return logits.index_put_((graph.targets()[lo:hi],), scores[:n]).view(1, -1)
+
+
 def reference_scores(graph, weights, biases, sources, signals, pe):
     """`score` as the spec states it, every target of every position through its own edge: (N, V).
 
@@ -452,5 +467,6 @@ __all__ = [
     "plan_scoring",
     "reference_scores",
     "score",
+    "score_one",
     "single_source_plan",
 ]
