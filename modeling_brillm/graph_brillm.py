@@ -175,4 +175,28 @@ def edge_keys(row_ptr, col_idx, vocab_size):
     return sources * vocab_size + col_idx.long()
 
 
-__all__ = ["BriLLMEdgeGraph", "dense_graph", "edge_keys"]
+
+class SlotRows:
+    """The one layout of a slot gradient (of ``weights`` or ``biases``, (P, ...)): dense, all P rows in ``values``;
+    or sparse, the rows of the sorted ``slots`` only (a coalesced COO tensor). Subclasses fill ``shape``,
+    ``sparse``, ``values`` and, when sparse, ``slots``."""
+
+    def add_rows(self, slots, grad):
+        """Add ``grad`` (n, ...) at ``slots`` (n,); False (nothing added) when a sparse gradient lacks a slot."""
+        if self.sparse:
+            found = torch.searchsorted(self.slots, slots).clamp(max=self.slots.numel() - 1)
+            if not bool((self.slots[found] == slots).all()):
+                return False
+            slots = found
+        self.values.index_add_(0, slots, grad.to(self.values.dtype))
+        return True
+
+    def tensor(self):
+        if not self.sparse:
+            return self.values
+        return torch.sparse_coo_tensor(
+            self.slots[None], self.values, self.shape, is_coalesced=True, check_invariants=False
+        )
+
+
+__all__ = ["BriLLMEdgeGraph", "SlotRows", "dense_graph", "edge_keys"]

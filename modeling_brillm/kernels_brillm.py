@@ -1,7 +1,7 @@
 """Triton kernels for BriLLM training: the grouped edge scoring with its exact full-vocabulary loss, and the signal
 recurrence, forward and backward, each in a fixed number of launches per step whatever the batch holds.
 
-A flat sibling of ``modeling_brillm.py`` (copied next to the weights as remote code): it imports only torch and,
+A flat sibling of ``modeling_brillm.py`` (copied next to the weights as remote code): it imports only torch, its sibling ``graph_brillm`` and,
 when installed, triton; without triton it imports fine and `kernels_wanted` answers False (or explains).
 
 Functional API (all tensors on one device; N scored positions, d width, P slots, V nodes, B texts, T length):
@@ -36,6 +36,8 @@ True
 import os
 
 import torch
+
+from .graph_brillm import SlotRows
 
 try:  # remote code must import without triton
     import triton
@@ -119,7 +121,7 @@ def scoring_plan(sources, row_ptr):
     return ScoringPlan(sources, row_ptr)
 
 
-class SlotGradient:
+class SlotGradient(SlotRows):
     """The gradient of ``weights`` or ``biases`` (P, ...) written by the backward kernel: dense (P, ...) or sparse
     over slot 0 and the plan's touched slabs. ``add_rows`` lets the recurrence's true-edge gather add its rows in
     place (the protocol of the model's gradient link)."""
@@ -134,22 +136,6 @@ class SlotGradient:
             self.values = torch.zeros_like(param)
             self.destination = 1 + plan.lo
 
-    def add_rows(self, slots, grad):
-        """Add ``grad`` (n, ...) at ``slots`` (n,); False (nothing added) when a sparse gradient lacks a slot."""
-        if self.sparse:
-            found = torch.searchsorted(self.slots, slots).clamp(max=self.slots.numel() - 1)
-            if not bool((self.slots[found] == slots).all()):
-                return False
-            slots = found
-        self.values.index_add_(0, slots, grad.to(self.values.dtype))
-        return True
-
-    def tensor(self):
-        if not self.sparse:
-            return self.values
-        return torch.sparse_coo_tensor(
-            self.slots[None], self.values, self.shape, is_coalesced=True, check_invariants=False
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .graph_brillm import SlotRows
 from .kernels_brillm import edge_nll, kernels_wanted
 from .signal_brillm import gelu, sinusoidal_positions
 
@@ -110,7 +111,7 @@ def _write(out, op, *args, **kwargs):
         out.copy_(op(*args, **kwargs))
 
 
-class SlotGradient:
+class SlotGradient(SlotRows):
     """The gradient of ``weights`` or ``biases`` (P, ...) that one backward of `EdgeScores` builds.
 
     Dense: a full-size tensor, zero except the touched slots. Sparse: a coalesced COO tensor whose values hold only
@@ -137,22 +138,6 @@ class SlotGradient:
         first = self.first_row[lo] if self.sparse else 1 + lo
         return self.values[first : first + hi - lo]
 
-    def add_rows(self, slots, grad):
-        """Add ``grad`` (n, ...) at ``slots`` (n,); False (nothing added) when a sparse gradient lacks a slot."""
-        if self.sparse:
-            found = torch.searchsorted(self.slots, slots).clamp(max=self.slots.numel() - 1)
-            if not bool((self.slots[found] == slots).all()):
-                return False
-            slots = found
-        self.values.index_add_(0, slots, grad.to(self.values.dtype))
-        return True
-
-    def tensor(self):
-        if not self.sparse:
-            return self.values
-        return torch.sparse_coo_tensor(
-            self.slots[None], self.values, self.shape, is_coalesced=True, check_invariants=False
-        )
 
 
 class GradientLink:
