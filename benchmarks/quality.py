@@ -56,8 +56,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from modeling_brillm.corpora import sha256_file  # noqa: E402  (after the settings torch reads on import)
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KENLM_CACHE = Path.home() / ".cache" / "brillm" / "kenlm"
 KENLM_SDIST = ("kenlm", "0.3.0", "kenlm-0.3.0.tar.gz", "c4628bb9fb63c8a6f9240035b8b037385cfc404cb72e933cf48878291edac1e8")
@@ -157,6 +155,7 @@ def say(*parts):
 
 def prepare(recipe, output_dir):
     """`prepare_corpus` once (reused while its settings match); returns the prepared folder."""
+    from modeling_brillm.corpora import sha256_file
     from modeling_brillm.preparation import prepare_corpus
 
     corpus = Path(recipe["corpus"])
@@ -424,7 +423,7 @@ def ensure_kenlm(install=True, cache_dir=KENLM_CACHE):
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode or not sdist.is_file():
             raise KenLMUnavailable(f"`pip download {name}=={version}` failed: {result.stderr.strip()[-400:]}")
-    if sha256_file(sdist) != sha256:
+    if hashlib.sha256(sdist.read_bytes()).hexdigest() != sha256:  # (runs before the package is installed)
         raise KenLMUnavailable(f"{sdist} does not have the pinned sha256 {sha256}: delete it and run again")
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         with tarfile.open(sdist) as archive:
