@@ -150,6 +150,19 @@ if triton is not None:
         return z * cdf, cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
 
     @triton.jit
+    def _position_tile(order, first, c, count, signal, pe, i, inside, D: tl.constexpr, BP: tl.constexpr):
+        """Positions ``c .. c + BP`` of a group (sorted order from ``first``): their ids, masks, row offsets, and
+        signals and PE rows as fp32 (BP, BD) tiles."""
+        j = c + tl.arange(0, BP)
+        live = j < count
+        p = tl.load(order + first + j, mask=live, other=0)
+        tile = live[:, None] & inside[None, :]
+        offsets = p[:, None] * D + i[None, :]
+        x = tl.load(signal + offsets, mask=tile, other=0.0).to(tl.float32)
+        e = tl.load(pe + offsets, mask=tile, other=0.0).to(tl.float32)
+        return p, live, tile, offsets, x, e
+
+    @triton.jit
     def _energy_tile(x, pe, weights, biases, slot, i, square, inside, D: tl.constexpr):
         """GELU(x W[slot] + b[slot] + pe) of a tile of positions: x, pe (BP, BD) fp32 -> (BP, BD), and W (BD, BD)."""
         w = tl.load(weights + slot * D * D + i[:, None] * D + i[None, :], mask=square, other=0.0).to(tl.float32)
@@ -173,12 +186,7 @@ if triton is not None:
         square = inside[:, None] & inside[None, :]
         c = 0
         while c < count:  # (`while`, not `range`: the interpreter needs static `range` bounds)
-            j = c + tl.arange(0, BP)
-            live = j < count
-            p = tl.load(order + first + j, mask=live, other=0)
-            tile = live[:, None] & inside[None, :]
-            x = tl.load(signal + p[:, None] * D + i[None, :], mask=tile, other=0.0).to(tl.float32)
-            e = tl.load(pe + p[:, None] * D + i[None, :], mask=tile, other=0.0).to(tl.float32)
+            p, live, tile, offsets, x, e = _position_tile(order, first, c, count, signal, pe, i, inside, D, BP)
             target = tl.load(targets + p, mask=live, other=-1)
             run_max = tl.full((BP,), float("-inf"), tl.float32)
             run_sum = tl.zeros((BP,), tl.float32)
@@ -222,13 +230,7 @@ if triton is not None:
         if split == 0:  # the shared slot: its pre-activation gradient per position (reduced by torch)
             c = 0
             while c < count:
-                j = c + tl.arange(0, BP)
-                live = j < count
-                p = tl.load(order + first + j, mask=live, other=0)
-                tile = live[:, None] & inside[None, :]
-                offsets = p[:, None] * D + i[None, :]
-                x = tl.load(signal + offsets, mask=tile, other=0.0).to(tl.float32)
-                e = tl.load(pe + offsets, mask=tile, other=0.0).to(tl.float32)
+                p, live, tile, offsets, x, e = _position_tile(order, first, c, count, signal, pe, i, inside, D, BP)
                 z, w = _energy_tile(x, e, weights, biases, 0, i, square, inside, D)
                 y, slope = _gelu_and_slope(z)
                 y = tl.where(tile, y, 0.0)
@@ -247,13 +249,7 @@ if triton is not None:
             acc_b = tl.zeros((BD,), tl.float32)
             c = 0
             while c < count:
-                j = c + tl.arange(0, BP)
-                live = j < count
-                p = tl.load(order + first + j, mask=live, other=0)
-                tile = live[:, None] & inside[None, :]
-                offsets = p[:, None] * D + i[None, :]
-                x = tl.load(signal + offsets, mask=tile, other=0.0).to(tl.float32)
-                e = tl.load(pe + offsets, mask=tile, other=0.0).to(tl.float32)
+                p, live, tile, offsets, x, e = _position_tile(order, first, c, count, signal, pe, i, inside, D, BP)
                 z, w = _energy_tile(x, e, weights, biases, slot, i, square, inside, D)
                 y, slope = _gelu_and_slope(z)
                 y = tl.where(tile, y, 0.0)
