@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from modeling_brillm.graph_brillm import BriLLMEdgeGraph  # noqa: E402
 from modeling_brillm.modeling_brillm import count_non_finite  # noqa: E402
 from modeling_brillm.output_folders import staged_folder  # noqa: E402
 
@@ -105,19 +106,16 @@ def read_slot_map(path, vocab, vocab_name="given"):
             f"{path}: {len(missing)} tokens of the vocabulary {vocab_name} have no entry (e.g. {missing[:3]}); the "
             "reference needs one per source node."
         )
-    row_ptr = np.zeros(V + 1, dtype=np.int64)
-    rows = []
+    keys = []  # source * V + target of every owned edge, in slot order
     owned = np.ones(V, dtype=bool)
     for source in range(V):
         owned[:] = True
         zero = shared_targets[source]
         if zero.size:
             owned[zero] = False
-        targets = np.flatnonzero(owned).astype(np.int32)
-        rows.append(targets)
-        row_ptr[source + 1] = row_ptr[source] + targets.size
-    col_idx = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int32)
-    return torch.from_numpy(row_ptr), torch.from_numpy(col_idx)
+        keys.append(source * V + np.flatnonzero(owned))
+    graph = BriLLMEdgeGraph.from_edge_keys(np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64), V)
+    return graph.row_ptr, graph.col_idx
 
 
 def read_checkpoint(path):
