@@ -77,8 +77,10 @@ BRILLM_KEYS = {
     "num_negatives": 400,
     "positions": "learned",  # "learned" (softmax-weighted mean of all energies) or "last" (only the last energy)
     "learning_rate": 0.01,
+    "lr_scheduler_type": "constant",  # a transformers scheduler name (`brillm train`'s train.lr_scheduler_type)
+    "warmup_steps": 0,
     "batch_size": 16,
-    "train_tokens": 20000,
+    "train_tokens": 20000,  # the schedule's length is this many tokens of full samples
     "max_seconds": None,  # stop earlier when training took this long
     "curve": False,  # evaluate at curve_points milestones (for the plot)
     "reference": False,  # GPT-2 and the "equal tokens" n-gram are matched to this run
@@ -89,6 +91,7 @@ GPT2_KEYS = {
     "n_layer": 4,
     "n_head": 4,
     "learning_rate": 1e-3,
+    "lr_scheduler_type": "constant_with_warmup",  # it stops by wall-clock: a schedule that does not need a length
     "warmup_steps": 50,
     "batch_size": None,  # default: the reference BriLLM run's (so both see the same batches)
     "max_seconds": None,  # default: the reference BriLLM run's training wall-clock ("equal wall-clock")
@@ -192,7 +195,7 @@ def validation_sets(recipe, prepared, dataset, tokenizer):
     """{name: samples} for every validation set: (input_ids, attention_mask, num_chars) of the chosen samples."""
     from datasets import load_dataset
 
-    from modeling_brillm.data import tokenize_and_pack, write_corpus_split
+    from modeling_brillm.data import sample_tensors, tokenize_and_pack, write_corpus_split
 
     sets = {}
     for name, source in recipe["validation"].items():
@@ -204,8 +207,8 @@ def validation_sets(recipe, prepared, dataset, tokenizer):
                 write_corpus_split([path], [path], Path(tmp) / "text")
                 lines = load_dataset("text", data_files={"validation": str(Path(tmp) / "text" / "valid.txt")},
                                      keep_linebreaks=True, cache_dir=str(Path(tmp) / "cache"))["validation"]  # fmt: skip
-                split = _tensors(tokenize_and_pack(lines, tokenizer, recipe["seq_len"]))
-        tensors = split if isinstance(split, dict) else _tensors(split)
+                split = sample_tensors(tokenize_and_pack(lines, tokenizer, recipe["seq_len"]))
+        tensors = split if isinstance(split, dict) else sample_tensors(split)
         total = len(tensors["input_ids"])
         count = recipe["eval_samples"] or total
         rows = sorted({int(i) for i in (torch_linspace(total, min(count, total)))})
@@ -224,30 +227,15 @@ def torch_linspace(total, count):
     return torch.linspace(0, total - 1, count).round().long().tolist()
 
 
-def _tensors(split):
-    import torch
-
-    import numpy as np
-
-    columns = split.with_format("numpy")[:]
-    return {
-        "input_ids": torch.from_numpy(np.stack(columns["input_ids"]).astype(np.int64)),
-        "attention_mask": torch.from_numpy(np.stack(columns["attention_mask"]).astype(np.int64)),
-        "num_chars": torch.from_numpy(np.asarray(columns["num_chars"], dtype=np.float64)),
-    }
-
-
 def evaluate(model, samples, batch_size):
     """Summed full-vocabulary NLL of a model (BriLLM or GPT-2) over the chosen samples: `summarize_nll`."""
     from modeling_brillm.evaluation import evaluate_nll, summarize_nll
 
     def batches():
         for start in range(0, len(samples["input_ids"]), batch_size):
-            yield {key: samples[key][start : start + batch_size] for key in ("input_ids", "attention_mask")}
+            yield {key: samples[key][start : start + batch_size] for key in ("input_ids", "attention_mask", "num_chars")}
 
-    sums = evaluate_nll(model, batches())
-    sums["characters"] = float(samples["num_chars"].sum())
-    return summarize_nll(sums)
+    return summarize_nll(evaluate_nll(model, batches()))
 
 
 def evaluate_all(model, valid, batch_size):
@@ -259,66 +247,56 @@ def evaluate_all(model, valid, batch_size):
 
 
 def run_training(name, model, loss_fn, train_set, settings, valid, milestones, eval_batch_size, primary, stop,
-                 full_eval_at=()):  # fmt: skip
-    """Train ``model`` with AdamW (constant lr after ``warmup_steps``) in `epoch_batches` order until
-    ``stop(tokens, seconds)``; evaluate on the primary validation set when the tokens pass one of ``milestones``
-    and at the end (on every set at the marks in ``full_eval_at``), with the clock paused. Returns the curve, the
-    tokens, the training seconds and the indices of the samples seen."""
-    import torch
+                 num_steps=None, full_eval_at=()):  # fmt: skip
+    """Train ``model`` with `brillm train`'s step (`train_step`: AdamW, the run's learning-rate schedule over
+    ``num_steps`` optimizer steps) in its data order (`batch_stream`) until ``stop(tokens, seconds)``; evaluate on
+    the primary validation set when the tokens pass one of ``milestones``, at the end of every epoch and at the end
+    (on every set at the marks in ``full_eval_at``), with the clock paused. Returns the curve, the tokens, the
+    training seconds and the indices of the samples seen."""
+    from modeling_brillm.train import (LENGTH_FREE_SCHEDULES, TrainRecipe, batch_stream, build_optimizer,
+                                       build_scheduler, check_schedule, train_step)  # fmt: skip
 
-    from modeling_brillm.train import epoch_batches
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings["learning_rate"], weight_decay=0.0, fused=True)
-    warmup = settings.get("warmup_steps") or 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    recipe = TrainRecipe(learning_rate=settings["learning_rate"], batch_size=settings["batch_size"],
+                         lr_scheduler_type=settings["lr_scheduler_type"], warmup_steps=settings["warmup_steps"] or 0)  # fmt: skip
+    check_schedule(recipe, name)
+    if num_steps is None and recipe.lr_scheduler_type not in LENGTH_FREE_SCHEDULES:
+        raise ValueError(f"{name}: a run stopped by wall-clock cannot follow the {recipe.lr_scheduler_type} schedule.")
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, recipe, num_steps or 1)
     ids, mask = train_set["input_ids"], train_set["attention_mask"]
-    batch_size = settings["batch_size"]
     milestones = sorted(set(milestones) | set(full_eval_at))
     curve, seen, at_tokens = [], [], {}
-    tokens = steps = epoch = 0
+    tokens = steps = 0
     seconds, last_log = 0.0, time.perf_counter()
     load_before = os.getloadavg()[0]
     model.train()
-    done = False
-    while not done:
-        batches = epoch_batches(len(ids), batch_size, epoch, settings.get("seed", 0), 0, 1)
-        if not batches:
-            raise ValueError(f"{name}: fewer training samples ({len(ids)}) than one batch ({batch_size})")
-        for rows in batches:
-            started = time.perf_counter()
-            batch_ids, batch_mask = ids[rows], mask[rows]
-            loss = loss_fn(model, batch_ids, batch_mask)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{name}: loss {loss.item()} at step {steps}")
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds += time.perf_counter() - started
-            tokens += int(batch_mask.sum())
-            steps += 1
-            seen.extend(rows)
-            if time.perf_counter() - last_log > 60:
-                say(f"{name}: step {steps}, {tokens} tokens, {seconds:.0f} s, loss {loss.item():.3f}, "
-                    f"{tokens / seconds:.0f} tokens/s")  # fmt: skip
-                last_log = time.perf_counter()
-            done = stop(tokens, seconds)
-            passed = [mark for mark in milestones if mark <= tokens]
-            milestones = [mark for mark in milestones if mark > tokens]
-            if passed or done:
-                full = any(mark in full_eval_at for mark in passed)
-                metrics = evaluate_all(model, valid, eval_batch_size) if full else {primary: evaluate(model, valid[primary], eval_batch_size)}
-                model.train()
-                point = {"tokens": tokens, "seconds": round(seconds, 2), "steps": steps, "metrics": metrics[primary]}
-                curve.append(point)
-                for mark in passed:
-                    if mark in full_eval_at:
-                        at_tokens[mark] = {"tokens": tokens, "seconds": round(seconds, 2), "metrics": metrics}
-                say(f"{name}: {tokens} tokens, {seconds:.1f} s: {primary} bits/char {metrics[primary]['bits_per_char']}")
-            if done:
-                break
-        epoch += 1
+    for epoch, _, rows, ends_epoch in batch_stream(len(ids), recipe.batch_size, settings.get("seed", 0)):
+        started = time.perf_counter()
+        loss = train_step(model, loss_fn, ids[rows], mask[rows], optimizer, scheduler)
+        seconds += time.perf_counter() - started
+        tokens += int(mask[rows].sum())
+        steps += 1
+        seen.extend(rows)
+        if time.perf_counter() - last_log > 60:
+            say(f"{name}: step {steps}, {tokens} tokens, {seconds:.0f} s, loss {loss.item():.3f}, "
+                f"{tokens / seconds:.0f} tokens/s")  # fmt: skip
+            last_log = time.perf_counter()
+        done = stop(tokens, seconds)
+        passed = [mark for mark in milestones if mark <= tokens]
+        milestones = [mark for mark in milestones if mark > tokens]
+        if passed or done or ends_epoch:
+            full = any(mark in full_eval_at for mark in passed)
+            metrics = evaluate_all(model, valid, eval_batch_size) if full else {primary: evaluate(model, valid[primary], eval_batch_size)}
+            model.train()
+            point = {"tokens": tokens, "seconds": round(seconds, 2), "steps": steps, "metrics": metrics[primary]}
+            curve.append({**point, **({"epoch": epoch + 1} if ends_epoch else {})})
+            for mark in passed:
+                if mark in full_eval_at:
+                    at_tokens[mark] = {"tokens": tokens, "seconds": round(seconds, 2), "metrics": metrics}
+            say(f"{name}: {tokens} tokens, {seconds:.1f} s{f', epoch {epoch + 1}' if ends_epoch else ''}: "
+                f"{primary} bits/char {metrics[primary]['bits_per_char']}")  # fmt: skip
+        if done:
+            break
     # The 1-minute load average before and after: other processes on the machine slow the run down.
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return {"curve": curve, "tokens": tokens, "steps": steps, "seconds": round(seconds, 2), "seen": seen,
@@ -350,12 +328,12 @@ def brillm_model(run, graph_counts, tokenizer, vocab_size, seed):
 
 
 def brillm_loss(run, successors):
+    """`brillm train`'s objective with the run's settings bound."""
+    from functools import partial
+
     from modeling_brillm.train import objective_loss
 
-    def loss(model, ids, mask):
-        return objective_loss(model, ids, mask, run["objective"], successors, run["num_negatives"])
-
-    return loss
+    return partial(objective_loss, objective=run["objective"], successors=successors, num_negatives=run["num_negatives"])
 
 
 def active_brillm(graph, hidden_size, samples):
@@ -581,6 +559,7 @@ def study(recipe, output_dir, args):
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
+    from modeling_brillm.data import sample_tensors
     from modeling_brillm.preparation import count_sample_bigrams
 
     machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -588,7 +567,7 @@ def study(recipe, output_dir, args):
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     dataset = load_from_disk(str(prepared / "dataset"))
     vocab_size = len(tokenizer)
-    train_set = _tensors(dataset["train"])
+    train_set = sample_tensors(dataset["train"])
     valid = validation_sets(recipe, prepared, dataset, tokenizer)
     primary = next(iter(valid))
     counts, _ = count_sample_bigrams(dataset["train"], vocab_size)
@@ -662,10 +641,11 @@ def brillm_runs(recipe, args, runs_dir, train_set, valid, primary, graph_counts,
         milestones = [round(f * run["train_tokens"]) for f in fractions] if run["curve"] else [run["train_tokens"]]
         positions_before = model.base_model.positions.detach().clone()
         limit_tokens, limit_seconds = run["train_tokens"], run["max_seconds"]
+        num_steps = math.ceil(limit_tokens / (run["batch_size"] * recipe["seq_len"]))
         trained = run_training(run["name"], model, brillm_loss(run, successors), train_set,
                                {**run, "seed": recipe["seed"]}, valid, milestones, recipe["eval_batch_size"], primary,
                                stop=lambda tokens, seconds: tokens >= limit_tokens
-                               or (limit_seconds is not None and seconds >= limit_seconds))  # fmt: skip
+                               or (limit_seconds is not None and seconds >= limit_seconds), num_steps=num_steps)  # fmt: skip
         if run["positions"] == "last":
             assert torch.equal(positions_before, model.base_model.positions), "frozen positions changed"
         started = time.perf_counter()
@@ -726,19 +706,19 @@ def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, valid, pr
 def warm_up(train_set, graph_counts, tokenizer, vocab_size, seq_len, steps=4):
     """A few untimed steps of a throwaway BriLLM and GPT-2: the process's one-time start-up costs (thread pools,
     oneDNN and allocator set-up: several seconds on the first steps) stay out of the first timed run."""
-    import torch
+    from modeling_brillm.train import TrainRecipe, build_optimizer, build_scheduler, train_step
 
     started = time.perf_counter()
     run = {**BRILLM_KEYS, "hidden_size": 4, "min_edge_count": 1}
     brillm, _ = brillm_model(run, graph_counts, tokenizer, vocab_size, seed=0)
     gpt2 = gpt2_model({**GPT2_KEYS, "n_embd": 32, "n_layer": 1, "n_head": 1}, vocab_size, seq_len, seed=0)
+    settings = TrainRecipe(learning_rate=1e-3)
     for model, loss_fn in ((brillm, brillm_loss(run, None)), (gpt2, gpt2_loss)):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        optimizer = build_optimizer(model, settings)
+        scheduler = build_scheduler(optimizer, settings, steps)
         for step in range(steps):
             rows = slice(step * 16, (step + 1) * 16)
-            loss_fn(model, train_set["input_ids"][rows], train_set["attention_mask"][rows]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, loss_fn, train_set["input_ids"][rows], train_set["attention_mask"][rows], optimizer, scheduler)
     say(f"warm-up (untimed): {time.perf_counter() - started:.1f} s")
 
 

@@ -496,3 +496,35 @@ __all__ = [
     "tokenize_and_pack",
     "write_corpus_split",
 ]
+
+
+def sample_tensors(split):
+    """A split of packed samples as tensors: ``input_ids`` and ``attention_mask`` (all ones when the split has
+    none), (N, L) int64, and ``num_chars`` (N,) float64 when the split records it (bits/char).
+
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> tensors = sample_tensors(Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 0]], "num_chars": [2, 1]}))
+    >>> tensors["attention_mask"].tolist(), tensors["num_chars"].tolist()
+    ([[1, 1, 1], [1, 1, 1]], [2.0, 1.0])
+
+    ```
+    """
+    import torch
+
+    columns = split.with_format("numpy")[:]
+
+    def column(name, dtype):
+        return torch.from_numpy(np.asarray(columns[name], dtype=dtype).reshape(len(split), -1))
+
+    tensors = {"input_ids": column("input_ids", np.int64)}
+    if "attention_mask" in split.column_names:
+        tensors["attention_mask"] = column("attention_mask", np.int64)
+    else:
+        tensors["attention_mask"] = torch.ones_like(tensors["input_ids"])
+    if "num_chars" in split.column_names:
+        tensors["num_chars"] = column("num_chars", np.float64).view(-1)
+    return tensors
+

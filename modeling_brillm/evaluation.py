@@ -32,8 +32,11 @@ def character_lengths(tokenizer, vocab_size):
 def evaluate_nll(model, batches, char_lengths=None):
     """Sum of full-vocabulary negative log-likelihoods (nats) over every predicted token, and counts.
 
-    ``batches`` yields ``input_ids`` (B, L) (and optionally ``attention_mask``); token ``t+1`` is predicted from
-    the text up to ``t``. Returns ``{"nll": ..., "tokens": ..., "characters": ...}`` (plain floats).
+    ``batches`` yields ``input_ids`` (B, L) (and optionally ``attention_mask``, and ``num_chars`` (B,): the
+    characters of each sample's scored tokens, as `brillm prepare`'s samples record them); token ``t+1`` is
+    predicted from the text up to ``t``. The characters are the batches' ``num_chars`` where they have them, else
+    the ``char_lengths`` (`character_lengths`) of the scored tokens. Returns ``{"nll": ..., "tokens": ...,
+    "characters": ...}`` (plain floats).
     """
     was_training = model.training
     model.eval()
@@ -47,7 +50,9 @@ def evaluate_nll(model, batches, char_lengths=None):
         valid = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].bool() & mask[:, :-1].bool()
         total[0] += nll[valid].double().sum().cpu()
         total[1] += valid.sum().cpu()
-        if char_lengths is not None:
+        if "num_chars" in batch:
+            total[2] += batch["num_chars"].double().sum().cpu()
+        elif char_lengths is not None:
             total[2] += char_lengths.to(targets.device)[targets][valid].sum().cpu()
     model.train(was_training)
     return {"nll": total[0].item(), "tokens": total[1].item(), "characters": total[2].item()}

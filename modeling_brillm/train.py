@@ -27,15 +27,18 @@ per epoch, so an interrupted and resumed run replays exactly the batches an unin
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 
+from .data import sample_tensors
 from .evaluation import character_lengths, evaluate_nll, summarize_nll
 from .hub_brillm import describe_tokenizer, write_model_card
 from .output_folders import (
@@ -44,6 +47,7 @@ from .output_folders import (
     check_free_space,
     disk_full_message,
     is_disk_full,
+    staged_folder,
     tree_bytes,
 )
 
@@ -51,9 +55,12 @@ TRAINER_STATE = "trainer_state.json"
 RECIPE_STATE = "recipe.json"
 # Settings a resumed run may change: they decide how long and how visibly it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "save_steps", "eval_steps", "log_steps", "max_eval_batches", "save_total_limit", "report_to",
+    {"max_steps", "num_epochs", "save_steps", "eval_steps", "log_steps", "max_eval_batches", "save_total_limit", "report_to",
      "sample_prompt", "sample_tokens"}
 )  # fmt: skip
+DEFAULT_MAX_STEPS = 1000  # a recipe giving neither max_steps nor num_epochs
+# Schedules whose learning rate does not depend on the run's length: only these may resume with another length.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,10 +88,13 @@ class TrainRecipe:
     objective: str = "full"  # "full": exact full-vocabulary CE; "sampled": the reference 1 + k candidates
     num_negatives: int = 400  # k for the sampled objective
     learning_rate: float = 5e-2
+    lr_scheduler_type: str = "constant"  # a transformers scheduler name: constant, linear, cosine, ...
+    warmup_steps: int = 0  # optimizer steps of linear warm-up (any scheduler but "constant")
     weight_decay: float = 0.0
     batch_size: int = 32  # per process
     gradient_accumulation_steps: int = 1
-    max_steps: int = 1000
+    max_steps: int | None = None  # optimizer steps; or give num_epochs (neither: DEFAULT_MAX_STEPS)
+    num_epochs: float | None = None  # passes over the training set (may be fractional)
     max_grad_norm: float = 0.0  # 0: no clipping
     optimizer: str = "adamw"  # "adamw" (fused), "lazy_adamw" (optimization.LazyAdamW), "sgd"
     sparse_gradients: bool = False  # weights/biases get row-sparse gradients; processes exchange only those rows
@@ -146,7 +156,59 @@ class Recipe:
                 raise ValueError(f"{path}: train.{name} must be at least 1; got {value}.")
         if settings.learning_rate <= 0:
             raise ValueError(f"{path}: train.learning_rate must be positive; got {settings.learning_rate}.")
+        check_schedule(settings, path)
         check_parallel_settings(settings, path)
+
+
+# The transformers.get_scheduler names that need no arguments beyond warm-up and length.
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt")  # fmt: skip
+
+
+def check_schedule(settings, origin):
+    """Refuse, in one line, a run length or learning-rate schedule the run cannot follow."""
+    if settings.max_steps is not None and settings.num_epochs is not None:
+        raise ValueError(f"{origin}: give train.max_steps or train.num_epochs, not both.")
+    if settings.num_epochs is not None and not settings.num_epochs > 0:
+        raise ValueError(f"{origin}: train.num_epochs must be positive; got {settings.num_epochs}.")
+    if settings.lr_scheduler_type not in SCHEDULERS:
+        raise ValueError(f"{origin}: train.lr_scheduler_type must be one of {', '.join(SCHEDULERS)}; "
+                         f"got {settings.lr_scheduler_type!r}.")  # fmt: skip
+    if settings.warmup_steps < 0:
+        raise ValueError(f"{origin}: train.warmup_steps must be at least 0; got {settings.warmup_steps}.")
+    if settings.warmup_steps and settings.lr_scheduler_type == "constant":
+        raise ValueError(f"{origin}: train.lr_scheduler_type constant has no warm-up: use constant_with_warmup.")
+
+
+def total_steps(settings, batches_per_epoch):
+    """Optimizer steps of the run: ``max_steps``, or ``num_epochs`` passes of ``batches_per_epoch`` batches (per
+    process) with ``gradient_accumulation_steps`` batches per step (rounded up); `DEFAULT_MAX_STEPS` otherwise.
+
+    Example:
+
+    ```python
+    >>> total_steps(TrainRecipe(num_epochs=2.5, gradient_accumulation_steps=2), batches_per_epoch=9)
+    12
+    >>> total_steps(TrainRecipe(), batches_per_epoch=9)
+    1000
+
+    ```
+    """
+    if settings.num_epochs is None:
+        return settings.max_steps or DEFAULT_MAX_STEPS
+    return max(1, math.ceil(settings.num_epochs * batches_per_epoch / settings.gradient_accumulation_steps))
+
+
+def build_scheduler(optimizer, settings, num_steps, num_processes=1):
+    """The recipe's learning-rate schedule over ``num_steps`` optimizer steps (transformers' `get_scheduler`).
+
+    Accelerate's prepared scheduler advances once per process at every optimizer step (it counts per-process
+    batches), so the step counts are scaled by ``num_processes`` when it is to be prepared.
+    """
+    from transformers import get_scheduler
+
+    return get_scheduler(settings.lr_scheduler_type, optimizer, num_warmup_steps=settings.warmup_steps * num_processes,
+                         num_training_steps=num_steps * num_processes)  # fmt: skip
 
 
 OPTIMIZERS = ("adamw", "lazy_adamw", "sgd")
@@ -275,33 +337,17 @@ def _checkpoints(output_dir):
     return sorted(candidates)
 
 
-def write_atomically(target, write):
-    """Call ``write(tmp_folder)`` then rename the folder to ``target``: a kill leaves no partial ``target``."""
-    target = Path(target)
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk) leaves nothing behind
-        raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
 def claim_output_dir(output_dir, resume=False, overwrite=False):
     """Lock ``output_dir`` for this run and make it ready; returns the held `FolderLock`.
 
-    Removes the temporaries of a killed run (``.tmp-*``), and refuses (`OutputFolderError`) to start afresh over
+    Removes the temporaries of a killed run (``.tmp-*``, partial checkpoints), and refuses (`OutputFolderError`) to start afresh over
     an earlier run (checkpoints or a final model) unless ``resume`` or ``overwrite``; ``overwrite`` deletes the
     earlier checkpoints, so that a later ``--resume`` cannot continue the old run.
     """
     output_dir = Path(output_dir)
     lock = FolderLock(output_dir).acquire()
     try:
-        for stale in output_dir.glob(".tmp-*"):
+        for stale in [*output_dir.glob(".tmp-*"), *output_dir.glob(".checkpoint-*.partial-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         checkpoints = _checkpoints(output_dir)
         earlier = bool(checkpoints) or (output_dir / "config.json").is_file()
@@ -330,9 +376,16 @@ def check_resume(recipe, checkpoint, num_processes):
         return
     saved = json.loads(path.read_text(encoding="utf-8"))
     current = {"data": asdict(recipe.data), "train": asdict(recipe.train), "num_processes": num_processes}
+    defaults = {"data": asdict(DataRecipe()), "train": asdict(TrainRecipe())}  # settings older versions lacked
+    length_free = recipe.train.lr_scheduler_type in LENGTH_FREE_SCHEDULES
     for section in ("data", "train"):
         for key in sorted(set(saved[section]) | set(current[section])):
-            was, now = saved[section].get(key), current[section].get(key)
+            was, now = saved[section].get(key, defaults[section].get(key)), current[section].get(key)
+            if was != now and key in ("max_steps", "num_epochs") and not length_free:
+                raise ValueError(
+                    f"cannot resume from {checkpoint}: train.{key} was {was!r} and is now {now!r}, and the "
+                    f"{recipe.train.lr_scheduler_type} learning-rate schedule depends on the run's length."
+                )
             if was != now and key not in RESUMABLE_CHANGES:
                 raise ValueError(
                     f"cannot resume from {checkpoint}: {section}.{key} was {was!r} and is now {now!r}; only "
@@ -404,7 +457,8 @@ def build_optimizer(model, settings):
     """The recipe's optimizer over ``model``'s parameters (after any sharding); sparse gradients set as asked."""
     from .optimization import LazyAdamW
 
-    model.set_sparse_gradients(settings.sparse_gradients)
+    if hasattr(model, "set_sparse_gradients"):  # BriLLM (the quality study also trains a dense GPT-2 with this)
+        model.set_sparse_gradients(settings.sparse_gradients)
     options = {"lr": settings.learning_rate, "weight_decay": settings.weight_decay}
     if settings.optimizer == "lazy_adamw":
         return LazyAdamW(model.parameters(), **options)
@@ -532,7 +586,7 @@ def train(recipe, resume=False, debug_dir=None, overwrite_output_dir=False):
     refuse_mismatched_launch(accelerator, settings)
     lock = _on_main(accelerator, lambda: claim_output_dir(output_dir, resume, overwrite_output_dir))
     try:
-        return _train(recipe, accelerator, resume, debug_dir)
+        return TrainingRun(recipe, accelerator, resume, debug_dir).run()
     finally:
         if lock is not None:
             lock.release()
@@ -563,67 +617,225 @@ def _main_process_pid(accelerator):
     return broadcast_object_list([os.getpid()])[0] if accelerator.num_processes > 1 else os.getpid()
 
 
-def _train(recipe, accelerator, resume, debug_dir):
-    """The training loop of `train`, with the output directory claimed."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_constant_schedule
+def batch_stream(num_samples, batch_size, seed, rank=0, world_size=1, epoch=0, batch_in_epoch=0):
+    """This process's batches from a data position on, epoch after epoch, without end: ``(epoch, index, rows,
+    ends_epoch)`` in `epoch_batches` order. The one data order of `brillm train` and the quality study.
 
-    settings = recipe.train
-    output_dir = Path(recipe.output_dir)
-    checkpoint = latest_checkpoint(output_dir) if resume else None
-    if checkpoint is not None:
-        check_resume(recipe, checkpoint, accelerator.num_processes)
-    set_seed(settings.seed)
-    model, tokenizer, dataset = load_prepared(recipe, accelerator)
-    train_set, valid_set = _as_tensors(dataset["train"]), _as_tensors(dataset["validation"])
-    train_ids = train_set["input_ids"]
-    char_lengths = character_lengths(tokenizer, model.config.vocab_size)
-    successors = None
-    if settings.objective == "sampled":
-        successors = top_successors(
-            train_ids, model.config.vocab_size, settings.num_negatives + 1, train_set["attention_mask"]
+    Example:
+
+    ```python
+    >>> stream = batch_stream(6, 2, seed=0, epoch=0, batch_in_epoch=2)
+    >>> [next(stream)[::3] for _ in range(3)]
+    [(0, True), (1, False), (1, False)]
+
+    ```
+    """
+    while True:
+        batches = epoch_batches(num_samples, batch_size, epoch, seed, rank, world_size)
+        if not batches:
+            raise ValueError(
+                f"the training set has {num_samples} samples, fewer than one global batch "
+                f"({batch_size} x {world_size} processes): lower train.batch_size."
+            )
+        for index in range(batch_in_epoch, len(batches)):
+            yield epoch, index, batches[index], index + 1 == len(batches)
+        epoch, batch_in_epoch = epoch + 1, 0
+
+
+def train_step(model, loss_fn, input_ids, attention_mask, optimizer, scheduler, backward=None, before_update=None):
+    """One optimisation step on one batch, the same for `brillm train`, the quality study and the benchmarks.
+
+    ``loss_fn(model, input_ids, attention_mask)`` (e.g. `objective_loss` with its settings bound), its backward
+    (``backward(loss)``, e.g. Accelerate's; by default ``loss.backward()``), ``before_update()`` (e.g. exchange and
+    clip the gradients), then the optimizer and scheduler steps and ``zero_grad``. Returns the loss, detached: a
+    step's graph is freed when the step ends (scoring's `GradientLink` takes its fast path only while no other
+    graph of the same weights is alive). A NaN or infinite loss raises `TrainingDiverged` before any update. Under Accelerate's gradient accumulation
+    its optimizer, scheduler and ``zero_grad`` skip the batches that only accumulate.
+    """
+    loss = loss_fn(model, input_ids, attention_mask)
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"loss is {loss.item()}")
+    if backward is None:
+        loss.backward()
+    else:
+        backward(loss)
+    if before_update is not None:
+        before_update()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+class TrainingRun:
+    """This process's part of a `brillm train` run: set-up (data, model, parallelism, resumed state), the loop,
+    evaluation, checkpoints and the final model.
+
+    ``state`` (saved as ``trainer_state.json``) holds the data position (``epoch`` being read, ``batch_in_epoch``),
+    the optimizer ``step`` and the ``log_history``; with the Accelerate state (optimizer, scheduler, RNGs) it makes a
+    resumed run replay exactly what an uninterrupted one does. `train` runs it with the output directory locked:
+
+    ```python
+    >>> import tempfile
+    >>> from modeling_brillm.preparation import prepare_corpus
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "a.txt").write_text("to be or not to be, that is the question.\\n" * 40)
+    >>> _ = prepare_corpus([folder / "a.txt"], folder / "prepared", vocab_size=300, seq_len=8, hidden_size=4, log=None)
+    >>> recipe = Recipe("doc", DataRecipe(prepared=str(folder / "prepared")), TrainRecipe(
+    ...     learning_rate=0.05, batch_size=4, num_epochs=2, lr_scheduler_type="linear", warmup_steps=2,
+    ...     save_steps=100, eval_steps=100, log_steps=100), output_dir=str(folder / "out"))
+    >>> metrics = train(recipe)  # doctest: +ELLIPSIS
+    epoch 1 ...
+    >>> state = json.loads((latest_checkpoint(folder / "out") / TRAINER_STATE).read_text())
+    >>> [(entry["epoch"], entry["step"]) for entry in state["log_history"] if "epoch" in entry]
+    [(1, 57), (2, 114)]
+
+    ```
+    """
+
+    def __init__(self, recipe, accelerator, resume=False, debug_dir=None):
+        from accelerate.utils import set_seed
+
+        self.recipe, self.settings, self.accelerator = recipe, recipe.train, accelerator
+        self.output_dir, self.debug_dir = Path(recipe.output_dir), debug_dir
+        checkpoint = latest_checkpoint(self.output_dir) if resume else None
+        if checkpoint is not None:
+            check_resume(recipe, checkpoint, accelerator.num_processes)
+        set_seed(self.settings.seed)
+        model, self.tokenizer, dataset = load_prepared(recipe, accelerator)
+        self.train_set, self.valid_set = sample_tensors(dataset["train"]), sample_tensors(dataset["validation"])
+        self.char_lengths = None  # a dataset prepared before samples recorded num_chars: vocabulary lengths
+        if "num_chars" not in self.valid_set:
+            self.char_lengths = character_lengths(self.tokenizer, model.config.vocab_size)
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        settings = self.settings
+        self.num_steps = total_steps(settings, len(self.train_set["input_ids"]) // (settings.batch_size * self.world))
+        successors = None
+        if settings.objective == "sampled":
+            ids, mask = self.train_set["input_ids"], self.train_set["attention_mask"]
+            successors = top_successors(ids, model.config.vocab_size, settings.num_negatives + 1, mask)
+        self.loss_fn = partial(objective_loss, objective=settings.objective, successors=successors,
+                               num_negatives=settings.num_negatives)  # fmt: skip
+        make_scheduler = partial(build_scheduler, settings=settings, num_steps=self.num_steps, num_processes=self.world)
+        self.model, self.optimizer, self.scheduler, self.gradients = prepare_parallel(
+            accelerator, model, settings, make_scheduler
         )
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if settings.report_to != "none":
+            accelerator.init_trackers(recipe.name, config={**asdict(recipe.data), **asdict(settings)})
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "log_history": []}
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint / "accelerate"))
+            self.state = json.loads((checkpoint / TRAINER_STATE).read_text())
+            accelerator.print(f"resumed from {checkpoint} at step {self.state['step']}")
+        self.run_id = _main_process_pid(accelerator)
+        self.seen = [] if debug_dir else None  # samples this process trained on, for the multi-process test
+        self.tokens, self.seconds = 0, 0.0
 
-    model, optimizer, scheduler, gradients = prepare_parallel(accelerator, model, settings, get_constant_schedule)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    if settings.report_to != "none":
-        accelerator.init_trackers(recipe.name, config={**asdict(recipe.data), **asdict(settings)})
+    def run(self):
+        """Train to the last step, save the final model, report (on the main process: the final metrics)."""
+        from tqdm.auto import tqdm
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "log_history": []}
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint / "accelerate"))
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+        state, settings = self.state, self.settings
+        self.progress = tqdm(total=self.num_steps, initial=state["step"], desc=self.recipe.name,
+                             disable=not self.accelerator.is_local_main_process)  # fmt: skip
+        stream = batch_stream(len(self.train_set["input_ids"]), settings.batch_size, settings.seed, self.rank,
+                              self.world, state["epoch"], state["batch_in_epoch"])  # fmt: skip
+        self.model.train()
+        started = time.time()
+        while state["step"] < self.num_steps:
+            epoch, index, rows, ends_epoch = next(stream)
+            loss = self.train_batch(rows)
+            state["epoch"], state["batch_in_epoch"] = (epoch + 1, 0) if ends_epoch else (epoch, index + 1)
+            synced = self.accelerator.sync_gradients
+            self.seconds = time.time() - started
+            if synced:
+                state["step"] += 1
+                self.log_step(loss)
+            last = state["step"] == self.num_steps
+            if ends_epoch:  # the whole validation set; before the step's checkpoint, which then records it
+                self.evaluate(epoch=epoch + 1)
+            elif synced and (state["step"] % settings.eval_steps == 0 or last):
+                self.evaluate()
+            if synced and (state["step"] % settings.save_steps == 0 or last):
+                self.save_checkpoint()
+        self.progress.close()
+        return self.finish()
 
-    run_id = _main_process_pid(accelerator)
-    recipe_state = {"data": asdict(recipe.data), "train": asdict(settings), "num_processes": accelerator.num_processes}
+    def train_batch(self, rows):
+        """One batch through `train_step` (an optimizer step once the accumulated batches are complete)."""
+        accelerator = self.accelerator
+        input_ids = self.train_set["input_ids"][rows].to(accelerator.device)
+        mask = self.train_set["attention_mask"][rows].to(accelerator.device)
+        if self.seen is not None:
+            self.seen.extend(rows)
 
-    def save_checkpoint():
+        def finish_gradients():
+            if accelerator.sync_gradients:
+                self.gradients.finish(self.model, self.settings.max_grad_norm)
+
+        with accelerator.accumulate(self.model):
+            try:
+                loss = train_step(self.model, self.loss_fn, input_ids, mask, self.optimizer, self.scheduler,
+                                  backward=accelerator.backward, before_update=finish_gradients)  # fmt: skip
+            except TrainingDiverged as error:
+                raise TrainingDiverged(
+                    f"{error} at step {self.state['step']}: training stopped; the last good checkpoint is "
+                    f"{latest_checkpoint(self.output_dir)}. Lower train.learning_rate or use mixed_precision 'no'."
+                ) from None
+        self.tokens += int(mask.sum()) * self.world
+        return loss
+
+    def log_step(self, loss):
+        step = self.state["step"]
+        step_loss = self.accelerator.reduce(loss, reduction="mean").item()
+        rate = self.tokens / max(self.seconds, 1e-9)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2g}", tok_s=f"{rate:.0f}")
+        if step % self.settings.log_steps == 0 or step == self.num_steps:
+            self.state["log_history"].append({"step": step, "loss": step_loss, "tokens_per_second": rate,
+                                              "learning_rate": self.scheduler.get_last_lr()[0],
+                                              "gradient_bytes_sent": self.gradients.traffic.last_step})  # fmt: skip
+            self.accelerator.print(f"step {step} loss {step_loss:.4f}")
+            self.accelerator.log({"train/loss": step_loss, "train/tokens_per_second": rate}, step=step)
+
+    def evaluate(self, epoch=None):
+        """Held-out perplexity and bits/char: on the first ``max_eval_batches`` batches of the validation set, or
+        at the end of an ``epoch`` on all of it; logged (and recorded in the log history)."""
+        limit = None if epoch is not None else self.settings.max_eval_batches * self.settings.batch_size
+        metrics = evaluate(self.accelerator, self.model, self.valid_set, self.settings.batch_size, limit, self.char_lengths)
+        entry = {"step": self.state["step"], **({"epoch": epoch} if epoch is not None else {})}
+        self.state["log_history"].append({**entry, **{f"eval_{k}": v for k, v in metrics.items()}})
+        when = f"epoch {epoch} (step {self.state['step']})" if epoch is not None else f"step {self.state['step']}"
+        self.accelerator.print(f"{when} eval perplexity {metrics['perplexity']} bits/char {metrics['bits_per_char']}")
+        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=self.state["step"])
+        return metrics
+
+    def save_checkpoint(self):
+        """``checkpoint-<step>`` (model, tokenizer, Accelerate state, recipe, trainer state), written whole or not
+        at all; every process takes part."""
+        accelerator, output_dir = self.accelerator, self.output_dir
         accelerator.wait_for_everyone()
-        target = output_dir / f"checkpoint-{state['step']}"
-        needed = checkpoint_bytes(output_dir, accelerator.unwrap_model(model), optimizer)
+        needed = checkpoint_bytes(output_dir, accelerator.unwrap_model(self.model), self.optimizer)
         _on_main(accelerator, lambda: check_free_space(output_dir, needed))
-
         # Every process writes its own RNG state into a shared temporary folder (named after this run, which holds
         # the folder's lock); the main process finalises.
-        tmp_state = output_dir / f".tmp-state-{state['step']}-{run_id}"
+        tmp_state = output_dir / f".tmp-state-{self.state['step']}-{self.run_id}"
+        recipe_state = {"data": asdict(self.recipe.data), "train": asdict(self.settings), "num_processes": self.world}
         try:
             accelerator.save_state(str(tmp_state))
-            weights = gradients.state_dict(model)  # a collective under FSDP: every process takes part
+            weights = self.gradients.state_dict(self.model)  # a collective under FSDP: every process takes part
             accelerator.wait_for_everyone()
-
-            def write(folder):
-                gradients.unwrap(model).save_pretrained(folder, state_dict=weights, save_function=accelerator.save)
-                tokenizer.save_pretrained(folder)
-                os.replace(tmp_state, folder / "accelerate")
-                (folder / RECIPE_STATE).write_text(json.dumps(recipe_state, indent=1))
-                (folder / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-
             if accelerator.is_main_process:
-                write_atomically(target, write)
-                rotate_checkpoints(output_dir, settings.save_total_limit)
+                with staged_folder(output_dir / f"checkpoint-{self.state['step']}") as folder:
+                    self.gradients.unwrap(self.model).save_pretrained(folder, state_dict=weights,
+                                                                      save_function=accelerator.save)  # fmt: skip
+                    self.tokenizer.save_pretrained(folder)
+                    os.replace(tmp_state, folder / "accelerate")
+                    (folder / RECIPE_STATE).write_text(json.dumps(recipe_state, indent=1))
+                    (folder / TRAINER_STATE).write_text(json.dumps(self.state, indent=1))
+                rotate_checkpoints(output_dir, self.settings.save_total_limit)
         except Exception as error:  # a failed write raises OSError, RuntimeError (torch) or SafetensorError
             shutil.rmtree(tmp_state, ignore_errors=True)
             if is_disk_full(error):
@@ -631,87 +843,19 @@ def _train(recipe, accelerator, resume, debug_dir):
             raise
         accelerator.wait_for_everyone()
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    seen = [] if debug_dir else None
-    progress = tqdm(
-        total=settings.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process, desc=recipe.name
-    )
-    model.train()
-    started, tokens_done = time.time(), 0
-    while state["step"] < settings.max_steps:
-        batches = epoch_batches(len(train_ids), settings.batch_size, state["epoch"], settings.seed, rank, world)
-        if not batches:
-            raise ValueError(
-                f"the training set has {len(train_ids)} samples, fewer than one global batch "
-                f"({settings.batch_size} x {world} processes): lower train.batch_size."
-            )
-        for batch_index in range(state["batch_in_epoch"], len(batches)):
-            rows = batches[batch_index]
-            input_ids = train_ids[rows].to(accelerator.device)
-            mask = train_set["attention_mask"][rows].to(accelerator.device)
-            if seen is not None:
-                seen.extend(batches[batch_index])
-            with accelerator.accumulate(model):
-                loss = objective_loss(model, input_ids, mask, settings.objective, successors, settings.num_negatives)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {state['step']}: training stopped; the last good checkpoint "
-                        f"is {latest_checkpoint(output_dir)}. Lower train.learning_rate or use mixed_precision 'no'."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    gradients.finish(model, settings.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["batch_in_epoch"] = batch_index + 1
-            tokens_done += int(mask.sum()) * world
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            step_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            rate = tokens_done / max(time.time() - started, 1e-9)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2g}", tok_s=f"{rate:.0f}")
-            if state["step"] % settings.log_steps == 0 or state["step"] == settings.max_steps:
-                state["log_history"].append({"step": state["step"], "loss": step_loss, "tokens_per_second": rate,
-                                             "gradient_bytes_sent": gradients.traffic.last_step})
-                accelerator.print(f"step {state['step']} loss {step_loss:.4f}")
-                accelerator.log({"train/loss": step_loss, "train/tokens_per_second": rate}, step=state["step"])
-            if state["step"] % settings.eval_steps == 0 or state["step"] == settings.max_steps:
-                metrics = evaluate(accelerator, model, valid_set, settings, char_lengths)
-                state["log_history"].append({"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items()}})
-                accelerator.print(
-                    f"step {state['step']} eval perplexity {metrics['perplexity']} bits/char {metrics['bits_per_char']}"
-                )
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=state["step"])
-            if state["step"] % settings.save_steps == 0 or state["step"] == settings.max_steps:
-                save_checkpoint()
-            if state["step"] >= settings.max_steps:
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    progress.close()
-
-    accelerator.wait_for_everyone()
-    if seen is not None:
-        _write_debug(debug_dir, accelerator, model, gradients.state_dict(model), seen)
-    weights = gradients.state_dict(model)
-    if accelerator.is_main_process:
-        save_final_model(output_dir, gradients.unwrap(model), weights, tokenizer, accelerator.save)
-    accelerator.end_training()
-    if not accelerator.is_main_process:
-        return None
-    return _final_report(output_dir, recipe, valid_set, char_lengths, tokens_done, time.time() - started)
-
-
-def _as_tensors(split):
-    """``input_ids`` and ``attention_mask`` (all ones when the dataset has none) of a dataset split: (N, L) each."""
-    input_ids = torch.tensor(split["input_ids"], dtype=torch.long)
-    if "attention_mask" in split.column_names:
-        return {"input_ids": input_ids, "attention_mask": torch.tensor(split["attention_mask"], dtype=torch.long)}
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    def finish(self):
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        weights = self.gradients.state_dict(self.model)
+        if self.seen is not None:
+            _write_debug(self.debug_dir, accelerator, self.model, weights, self.seen)
+        if accelerator.is_main_process:
+            model = self.gradients.unwrap(self.model)
+            save_final_model(self.output_dir, model, weights, self.tokenizer, accelerator.save)
+        accelerator.end_training()
+        if not accelerator.is_main_process:
+            return None
+        return _final_report(self)
 
 
 def _batches(tensors, batch_size, device, rows=slice(None)):
@@ -721,46 +865,53 @@ def _batches(tensors, batch_size, device, rows=slice(None)):
         yield {name: tensor[start : start + batch_size].to(device) for name, tensor in selected.items()}
 
 
-def evaluate(accelerator, model, valid_set, settings, char_lengths):
-    """Full-vocabulary perplexity and bits/char on (a slice of) the validation set, summed over processes."""
-    limit = settings.max_eval_batches * settings.batch_size
-    count = min(limit, len(valid_set["input_ids"]))
+def evaluate(accelerator, model, valid_set, batch_size, limit=None, char_lengths=None):
+    """Full-vocabulary perplexity and bits/char on the first ``limit`` samples (all: `None`) of the validation
+    set, the samples spread over the processes and the sums added up (`evaluation.evaluate_nll`)."""
+    count = len(valid_set["input_ids"]) if limit is None else min(limit, len(valid_set["input_ids"]))
     count -= count % accelerator.num_processes  # every process runs as many forwards (FSDP gathers in each)
     rows = torch.arange(count)[accelerator.process_index :: accelerator.num_processes]
-    batches = _batches(valid_set, settings.batch_size, accelerator.device, rows)
+    batches = _batches(valid_set, batch_size, accelerator.device, rows)
     sums = evaluate_nll(accelerator.unwrap_model(model), batches, char_lengths)
-    totals = accelerator.reduce(torch.tensor([sums["nll"], sums["tokens"], sums["characters"]], device=accelerator.device, dtype=torch.float64), reduction="sum")
+    totals = torch.tensor([sums["nll"], sums["tokens"], sums["characters"]], device=accelerator.device, dtype=torch.float64)
+    totals = accelerator.reduce(totals, reduction="sum")
     return summarize_nll(dict(zip(("nll", "tokens", "characters"), totals.tolist())))
 
 
-def _final_report(output_dir, recipe, valid_set, char_lengths, tokens_done, seconds):
-    """Reload the saved model the way users will, report held-out quality and a sample."""
+def _final_report(run):
+    """Reload the saved model the way users will; print and record held-out quality and a sample; write the card."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    recipe, settings, output_dir = run.recipe, run.settings, run.output_dir
     model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
-    batches = _batches(valid_set, 64, "cpu")
-    metrics = summarize_nll(evaluate_nll(model, batches, char_lengths))
+    metrics = summarize_nll(evaluate_nll(model, _batches(run.valid_set, 64, "cpu"), run.char_lengths))
     print(
-        f"done: {recipe.name} trained {tokens_done} tokens in {seconds:.1f} s ({tokens_done / seconds:.0f} tokens/s); "
-        f"held-out perplexity {metrics['perplexity']}, bits/char {metrics['bits_per_char']}; saved to {output_dir}"
+        f"done: {recipe.name} trained {run.tokens} tokens in {run.seconds:.1f} s ({run.tokens / max(run.seconds, 1e-9):.0f} "
+        f"tokens/s); held-out perplexity {metrics['perplexity']}, bits/char {metrics['bits_per_char']}; saved to {output_dir}"
     )
-    if recipe.train.sample_prompt:
-        ids = tokenizer(recipe.train.sample_prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        torch.manual_seed(recipe.train.seed)
-        out = model.generate(ids, max_new_tokens=recipe.train.sample_tokens, do_sample=True, top_p=0.9)
+    if settings.sample_prompt:
+        ids = tokenizer(settings.sample_prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        torch.manual_seed(settings.seed)
+        out = model.generate(ids, max_new_tokens=settings.sample_tokens, do_sample=True, top_p=0.9)
         print("Generated: " + tokenizer.decode(out[0], skip_special_tokens=True).replace("\n", " "))
-    (Path(output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=1))
+    (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=1))
+    evaluation = {f"held-out {name}": value for name, value in metrics.items() if value is not None}
+    for entry in run.state["log_history"]:
+        if "epoch" in entry:
+            evaluation[f"held-out bits/char after epoch {entry['epoch']}"] = entry["eval_bits_per_char"]
+    length = f"{settings.num_epochs} epochs ({run.num_steps} steps)" if settings.num_epochs else f"{run.num_steps} steps"
+    schedule = settings.lr_scheduler_type + (f", {settings.warmup_steps} warm-up steps" if settings.warmup_steps else "")
     tokenizer_description, language = describe_tokenizer(output_dir)
     write_model_card(
         output_dir,
         model.config,
         made_from=(
-            f"Pre-trained with `brillm train` (recipe `{recipe.name}`: {recipe.train.objective} objective, "
-            f"{recipe.train.max_steps} steps of {recipe.train.batch_size} x {recipe.data.seq_len} tokens, AdamW lr "
-            f"{recipe.train.learning_rate}) on {', '.join(map(str, recipe.data.corpus)) or recipe.data.prepared}."
+            f"Pre-trained with `brillm train` (recipe `{recipe.name}`: {settings.objective} objective, {length} of "
+            f"{settings.batch_size} x {recipe.data.seq_len} tokens, {settings.optimizer} lr {settings.learning_rate} "
+            f"({schedule})) on {', '.join(map(str, recipe.data.corpus)) or recipe.data.prepared}."
         ),
-        evaluation={f"held-out {name}": value for name, value in metrics.items() if value is not None},
+        evaluation=evaluation,
         tokenizer=tokenizer_description,
         language=language,
     )
