@@ -5,6 +5,7 @@ as KenLM's ``lmplz`` builds it) over token ids, in numpy, a few seconds for mill
 ``attention_mask`` (N, L), 1 on real tokens. Every run of real tokens is one sample (with right padding: the real
 tokens of a row); n-grams are counted inside samples only, never across samples or over padding, as the neural
 models see them. A sample-start symbol ``<s>`` stands before each sample (it is a context, never predicted).
+``split.with_format("numpy")[:]`` reads a prepared split's columns as arrays in one go (row by row is ~10x slower).
 
 **Scoring.** The same definition as `modeling_brillm.evaluation.evaluate_nll`: the first token of a sample is not
 scored, every later one is predicted from the tokens before it in the sample, at most ``order - 1`` of them (with
