@@ -40,6 +40,8 @@ import yaml
 
 from .data import sample_tensors
 from .evaluation import character_lengths, evaluate_nll, summarize_nll
+from .ngram import ORDERS as NGRAM_ORDERS
+from .ngram import KneserNeyLM
 from .hub_brillm import describe_tokenizer, write_model_card
 from .output_folders import (
     FolderLock,
@@ -56,7 +58,7 @@ RECIPE_STATE = "recipe.json"
 # Settings a resumed run may change: they decide how long and how visibly it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "num_epochs", "save_steps", "eval_steps", "log_steps", "max_eval_batches", "save_total_limit", "report_to",
-     "sample_prompt", "sample_tokens"}
+     "sample_prompt", "sample_tokens", "baseline_order"}
 )  # fmt: skip
 DEFAULT_MAX_STEPS = 1000  # a recipe giving neither max_steps nor num_epochs
 # Schedules whose learning rate does not depend on the run's length: only these may resume with another length.
@@ -109,6 +111,7 @@ class TrainRecipe:
     report_to: str = "none"  # "none" or "tensorboard"
     sample_prompt: str | None = None  # generated from after training, printed as `Generated: ...`
     sample_tokens: int = 40
+    baseline_order: int = 5  # a Kneser-Ney n-gram of this order on the same samples, reported beside (0: none)
 
 
 @dataclass
@@ -156,6 +159,9 @@ class Recipe:
                 raise ValueError(f"{path}: train.{name} must be at least 1; got {value}.")
         if settings.learning_rate <= 0:
             raise ValueError(f"{path}: train.learning_rate must be positive; got {settings.learning_rate}.")
+        if settings.baseline_order != 0 and settings.baseline_order not in NGRAM_ORDERS:
+            raise ValueError(f"{path}: train.baseline_order must be 0 (none) or {NGRAM_ORDERS[0]}..{NGRAM_ORDERS[-1]}; "
+                             f"got {settings.baseline_order}.")  # fmt: skip
         check_schedule(settings, path)
         check_parallel_settings(settings, path)
 
@@ -890,13 +896,25 @@ def _final_report(run):
         f"done: {recipe.name} trained {run.tokens} tokens in {run.seconds:.1f} s ({run.tokens / max(run.seconds, 1e-9):.0f} "
         f"tokens/s); held-out perplexity {metrics['perplexity']}, bits/char {metrics['bits_per_char']}; saved to {output_dir}"
     )
+    baseline = ngram_baseline(run.train_set, run.valid_set, model.config.vocab_size, settings.baseline_order)
+    if baseline is not None:
+        print(
+            f"baseline: a Kneser-Ney {settings.baseline_order}-gram on the same training samples (fit and scored in "
+            f"{baseline.pop('seconds')} s): held-out perplexity {baseline['perplexity']}, bits/char "
+            f"{baseline['bits_per_char']}"
+        )
     if settings.sample_prompt:
         ids = tokenizer(settings.sample_prompt, return_tensors="pt", add_special_tokens=False).input_ids
         torch.manual_seed(settings.seed)
         out = model.generate(ids, max_new_tokens=settings.sample_tokens, do_sample=True, top_p=0.9)
         print("Generated: " + tokenizer.decode(out[0], skip_special_tokens=True).replace("\n", " "))
-    (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=1))
+    record = {**metrics, **({f"kneser_ney_{settings.baseline_order}gram": baseline} if baseline else {})}
+    (output_dir / "eval_results.json").write_text(json.dumps(record, indent=1))
     evaluation = {f"held-out {name}": value for name, value in metrics.items() if value is not None}
+    if baseline is not None:
+        evaluation[f"held-out bits/char of a Kneser-Ney {settings.baseline_order}-gram on the same samples"] = (
+            baseline["bits_per_char"]
+        )
     for entry in run.state["log_history"]:
         if "epoch" in entry:
             evaluation[f"held-out bits/char after epoch {entry['epoch']}"] = entry["eval_bits_per_char"]
@@ -916,6 +934,19 @@ def _final_report(run):
         language=language,
     )
     return metrics
+
+
+def ngram_baseline(train_set, valid_set, vocab_size, order):
+    """`summarize_nll` of a Kneser-Ney n-gram (`ngram.KneserNeyLM`) fit on the training samples and scored on the
+    validation samples as BriLLM is, plus the ``seconds`` it took; `None` when ``order`` is 0 or the samples do
+    not record their characters (``num_chars``)."""
+    if not order or "num_chars" not in valid_set:
+        return None
+    started = time.time()
+    lm = KneserNeyLM.fit(train_set["input_ids"], train_set["attention_mask"], vocab_size, order)
+    sums = lm.score(valid_set["input_ids"], valid_set["attention_mask"])
+    result = summarize_nll({**sums, "characters": float(valid_set["num_chars"].sum())})
+    return {**result, "seconds": round(time.time() - started, 1)}
 
 
 def _write_debug(debug_dir, accelerator, model, weights, seen):
