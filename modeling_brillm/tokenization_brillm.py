@@ -9,8 +9,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from transformers.generation.logits_process import LogitsProcessor
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<unk>", "<pad>", "<s>", "</s>")
 # The text boundary (BOS = EOS, e.g. lm-evaluation-harness's prefix and end-of-text token): an existing special
@@ -197,7 +199,137 @@ def _wrap(tokenizer, vocab):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", **specials)
 
 
+def byte_level_symbols():
+    """``{symbol: byte}`` of byte-level BPE (GPT-2's table, as `tokenizers`' ``ByteLevel`` uses it): printable
+    bytes stand for themselves, the other 68 for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_LEADS = {**{b: 1 for b in range(0xC2, 0xE0)}, **{b: 2 for b in range(0xE0, 0xF0)}, **{b: 3 for b in range(0xF0, 0xF5)}}
+
+
+def utf8_shape(data):
+    """``(leading, pending, valid)`` of a token's bytes inside a UTF-8 stream: the continuation bytes it starts
+    with (ending a character begun before it), the bytes its last character still needs, and whether the rest is
+    well formed.
+
+    Example:
+
+    ```python
+    >>> utf8_shape("é".encode()), utf8_shape("é".encode()[:1]), utf8_shape(b"\\xa9 a"), utf8_shape(b"\\xff")
+    ((0, 0, True), (0, 1, True), (1, 0, True), (0, 0, False))
+
+    ```
+    """
+    leading = 0
+    while leading < len(data) and 0x80 <= data[leading] < 0xC0:
+        leading += 1
+    index = leading
+    while index < len(data):
+        need = 0 if data[index] < 0x80 else _LEADS.get(data[index])
+        if need is None:  # a continuation byte without a lead, or a byte UTF-8 never uses
+            return leading, 0, False
+        tail = data[index + 1 : index + 1 + need]
+        if not all(0x80 <= byte < 0xC0 for byte in tail):
+            return leading, 0, False
+        if len(tail) < need:
+            return leading, need - len(tail), True
+        index += 1 + need
+    return leading, 0, True
+
+
+class WholeCharacters(LogitsProcessor):
+    """Keeps what a byte-level BPE model generates valid UTF-8: no token that would break a character, and (with
+    ``max_length``) no character left unfinished at the end, so the decoded text never shows U+FFFD.
+
+    A byte-level BPE token may hold part of a character (a lead byte, or continuation bytes). After a sequence that
+    ends inside a character only tokens that continue it are allowed; elsewhere a token may not start with
+    continuation bytes; a token that would leave a character unfinished is allowed only if some token can finish
+    it and (``max_length``: the sequence length ``generate`` stops at) a step is left to do so. Tokenizers that
+    are not byte-level (characters, words) need nothing: `for_tokenizer` returns `None` for them.
+
+    Example:
+
+    ```python
+    >>> from transformers import LogitsProcessorList
+    >>> tok = train_bpe_tokenizer(["café crème brûlée\\n"] * 40, vocab_size=262)
+    >>> keep = WholeCharacters.for_tokenizer(tok, max_length=8)
+    >>> lead = tok.convert_tokens_to_ids("Ã")  # the byte 0xC3 alone: the first half of é
+    >>> scores = torch.zeros(1, len(tok))
+    >>> allowed = keep(torch.tensor([[lead]]), scores.clone()).isfinite()[0]
+    >>> sorted({bytes([byte_level_symbols()[s] for s in tok.convert_ids_to_tokens(i)])[0] >> 6 for i in
+    ...          allowed.nonzero()[:, 0].tolist()})  # every allowed token starts with a continuation byte (0b10)
+    [2]
+    >>> WholeCharacters.for_tokenizer(character_tokenizer({"<unk>": 0, "a": 1})) is None
+    True
+
+    ```
+    """
+
+    def __init__(self, token_bytes, max_length=None):
+        self.token_bytes, self.max_length = token_bytes, max_length
+        shapes = [utf8_shape(data) if data is not None else None for data in token_bytes]
+        # allowed[k, t]: token t may follow a sequence whose last character needs k more bytes; then[k, t]: what its
+        # last character needs after it.
+        allowed = torch.zeros(4, len(token_bytes), dtype=torch.bool)
+        then = torch.zeros(4, len(token_bytes), dtype=torch.long)
+        for token, shape in enumerate(shapes):
+            if shape is None:  # a special token: no bytes, allowed between characters
+                allowed[0, token] = True
+                continue
+            leading, pending, valid = shape
+            for k in range(4):
+                if valid and leading == len(token_bytes[token]) and 0 < leading < k:  # only continuation bytes
+                    allowed[k, token], then[k, token] = True, k - leading
+                elif valid and leading == k and len(token_bytes[token]) > 0:
+                    allowed[k, token], then[k, token] = True, pending
+        finishable = torch.zeros(4, dtype=torch.bool)
+        finishable[0] = True
+        for k in range(1, 4):  # a character needing k bytes can be finished (continuations add <= k bytes)
+            finishable[k] = bool((allowed[k] & finishable[then[k]]).any())
+        self.allowed = allowed & finishable[then]
+        self.finishing = self.allowed & (then == 0)  # allowed as the last token
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, max_length=None):
+        """The processor for a byte-level BPE ``tokenizer`` (`None` for one that always decodes whole characters)."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or "ByteLevel" not in type(backend.decoder).__name__:
+            return None
+        symbols = byte_level_symbols()
+        special = set(tokenizer.all_special_ids)
+        token_bytes = []
+        for index, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+            known = token is not None and index not in special and all(symbol in symbols for symbol in token)
+            token_bytes.append(bytes(symbols[symbol] for symbol in token) if known else None)
+        return cls(token_bytes, max_length)
+
+    def pending(self, ids):
+        """Bytes the last character of the token sequence ``ids`` still needs (0: it ends between characters)."""
+        data = b"".join(self.token_bytes[i] or b"" for i in ids[-4:] if i < len(self.token_bytes))
+        trailing = 0
+        while trailing < min(3, len(data)) and 0x80 <= data[-1 - trailing] < 0xC0:
+            trailing += 1
+        if trailing == len(data):
+            return 0
+        need = _LEADS.get(data[-1 - trailing], 0)
+        return need - trailing if need > trailing else 0
+
+    def __call__(self, input_ids, scores):
+        last = self.max_length is not None and input_ids.shape[1] + 1 >= self.max_length
+        masks = self.finishing if last else self.allowed
+        width = min(scores.shape[1], masks.shape[1])
+        for row, ids in enumerate(input_ids.tolist()):
+            banned = ~masks[self.pending(ids), :width].to(scores.device)
+            scores[row, :width] = scores[row, :width].masked_fill(banned, float("-inf"))
+        return scores
+
+
 __all__ = [
+    "WholeCharacters",
+    "byte_level_symbols",
     "character_tokenizer",
     "full_width_folding",
     "is_character_vocabulary",
@@ -205,4 +337,5 @@ __all__ = [
     "tokenizer_from_json",
     "train_bpe_tokenizer",
     "train_character_tokenizer",
+    "utf8_shape",
 ]
