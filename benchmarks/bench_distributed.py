@@ -16,17 +16,14 @@ distinct token in it (all positions are scored), so its touched slots are ``1 + 
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from modeling_brillm import BriLLMConfig, BriLLMForCausalLM  # noqa: E402
-from modeling_brillm.optimization import LazyAdamW  # noqa: E402
+from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
+from modeling_brillm.optimization import LazyAdamW
 
 V, D, SLOTS, MAX_POSITIONS = 4000, 32, 906_998, 512
 BATCH, LENGTH = 32, 32

@@ -1,20 +1,21 @@
-#!/usr/bin/env python
 """Convert a reference BriLLM0.5 checkpoint (``model_en.bin`` / ``model_zh.bin``) to a Hugging Face folder.
 
     python conversion/convert_official_checkpoint.py --checkpoint model.bin --vocab vocab.json \
         --frequencies word_frequency.json --output DIR [--dtype float32|bfloat16] [--tokenizer-json bpe.json] \
         [--max-shard-size 2GB] [--language en] [--license unknown]
 
-The reference keeps the slot map outside the checkpoint: an edge whose count in ``word_frequency.json`` is 0
-uses the shared slot 0, every other edge owns the next slot, row-major in node-id order. This script rebuilds
-that map as CSR buffers (streaming over the frequency file: no V x V dictionary is kept), checks it against the
-checkpoint, and writes safetensors, config, remote code, a model card and, when it can, a tokenizer.
+(``python -m modeling_brillm.conversion ...`` is the same command.) The reference keeps the slot map outside the
+checkpoint: an edge whose count in ``word_frequency.json`` is 0 uses the shared slot 0, every other edge owns the
+next slot, row-major in node-id order. This module rebuilds that map as CSR buffers (streaming over the frequency
+file: no V x V dictionary is kept), checks it against the checkpoint, and writes safetensors, config, remote code,
+a model card and, when it can, a tokenizer.
 
 The checkpoint is memory-mapped, never copied: converting the released English model (3.8 GB) peaks at 1.3x its
 size, 1.6x to bfloat16 (``benchmarks/bench_checkpoint_size.py``). Everything is written to a temporary folder next to
 ``--output`` and renamed at the end, so a failed conversion leaves ``--output`` as it was.
 
-Only this folder knows the reference layout; everything else uses the Hugging Face one.
+Only this module and its inverse `modeling_brillm.export` know the reference layout; everything else uses the
+Hugging Face one. Not part of the remote code: a converted folder loads without the package.
 """
 
 import argparse
@@ -27,10 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modeling_brillm.graph_brillm import BriLLMEdgeGraph  # noqa: E402
-from modeling_brillm.modeling_brillm import count_non_finite  # noqa: E402
-from modeling_brillm.output_folders import staged_folder  # noqa: E402
+from . import __version__
+from .configuration_brillm import BriLLMConfig
+from .graph_brillm import BriLLMEdgeGraph
+from .hub_brillm import write_model_card
+from .modeling_brillm import BriLLMForCausalLM, count_non_finite
+from .output_folders import staged_folder
+from .tokenization_brillm import character_tokenizer, is_character_vocabulary, save_tokenizer, tokenizer_from_json
 
 REFERENCE_KEYS = ("positions", "weights", "biases", "node_bias")
 REFERENCE_CONTEXT_LENGTH = 32  # the reference models were trained on 32-token samples
@@ -43,7 +47,22 @@ CONVERSION_FILES = (
 
 
 class ConversionError(ValueError):
-    """The reference files are inconsistent; the message says which and how."""
+    """The reference files are inconsistent; the message says which and how.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> vocab = Path(tempfile.mkdtemp()) / "vocab.json"
+    >>> _ = vocab.write_text('{"a": 0, "b": 2}')
+    >>> try:
+    ...     read_vocabulary(vocab)
+    ... except ConversionError as error:
+    ...     print(str(error).replace(str(vocab), "vocab.json"))
+    vocab.json: token ids must be 0 .. 1 in file order (the reference numbers nodes by position); entry 1 has id 2.
+
+    ```
+    """
 
 
 def read_json(path, **kwargs):
@@ -166,15 +185,6 @@ def convert(
     Everything is checked before anything is written; the folder is assembled next to ``output`` and renamed
     into place at the end (replacing an earlier conversion there).
     """
-    from modeling_brillm import BriLLMConfig, BriLLMForCausalLM, __version__
-    from modeling_brillm.hub_brillm import write_model_card
-    from modeling_brillm.tokenization_brillm import (
-        character_tokenizer,
-        is_character_vocabulary,
-        save_tokenizer,
-        tokenizer_from_json,
-    )
-
     output = Path(output)
     check_output_folder(output)
     vocab = read_vocabulary(vocab_path)
@@ -237,7 +247,7 @@ def convert(
     files += [f"tokenizer `{Path(tokenizer_json).name}`"] if tokenizer_json else []
     made_from = (
         f"Converted from the reference BriLLM0.5 files ({', '.join(files)}) by "
-        f"`conversion/convert_official_checkpoint.py` (brillm {__version__}), stored as {dtype}. Reference code: "
+        f"`modeling_brillm.conversion` (brillm {__version__}), stored as {dtype}. Reference code: "
         "https://github.com/brillm05/BriLLM0.5; released weights: https://huggingface.co/BriLLM/BriLLM0.5. "
         f"`position_shift={position_shift}` follows the reference "
         f"{'forward (training)' if position_shift == 1 else 'decoder'}; `suppress_self_loop=True`: like the "

@@ -1,31 +1,50 @@
-#!/usr/bin/env python
 """Export a BriLLM folder back to the reference BriLLM0.5 layout, so that the reference code can run it.
 
     python conversion/export_official_checkpoint.py DIR --output model.bin \
         [--vocab vocab.json] [--frequencies word_frequency.json]
 
-``model.bin`` is a ``torch.save`` of the reference state dict: ``positions``, ``weights``, ``biases``,
-``node_bias``, float32 (a bfloat16 folder is widened exactly). The reference rebuilds the slot map from a
-vocabulary and a frequency file, so ``--vocab`` (from the folder's tokenizer) and ``--frequencies`` (count 1 for
-every edge that owns a slot, 0 for the others) write those too. Converting the result again gives back the
-folder's tensors bit for bit.
+(``python -m modeling_brillm.export ...`` is the same command.) ``model.bin`` is a ``torch.save`` of the reference
+state dict: ``positions``, ``weights``, ``biases``, ``node_bias``, float32 (a bfloat16 folder is widened exactly).
+The reference rebuilds the slot map from a vocabulary and a frequency file, so ``--vocab`` (from the folder's
+tokenizer) and ``--frequencies`` (count 1 for every edge that owns a slot, 0 for the others) write those too.
+Converting the result again (`modeling_brillm.conversion`) gives back the folder's tensors bit for bit.
 
 The weights are memory-mapped from the safetensors files and streamed to ``model.bin``; outputs are written to
 temporary files and renamed at the end, so a failed export leaves no partial file.
+
+Example (a round trip through the reference layout):
+
+```python
+>>> import tempfile
+>>> from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
+>>> from modeling_brillm.conversion import convert
+>>> from modeling_brillm.tokenization_brillm import character_tokenizer, save_tokenizer
+>>> folder = Path(tempfile.mkdtemp())
+>>> model = BriLLMForCausalLM.from_graph(BriLLMConfig(vocab_size=4, hidden_size=2, num_slots=3), [0, 1, 1, 2, 2],
+...                                      torch.tensor([2, 0], dtype=torch.int32))
+>>> model.save_pretrained(folder / "hf")
+>>> _ = save_tokenizer(character_tokenizer({"[PAD]": 0, "[UNK]": 1, "a": 2, "b": 3}, unk_token="[UNK]"), folder / "hf")
+>>> state = export(folder / "hf", folder / "model.bin", folder / "vocab.json", folder / "freq.json")
+>>> list(state), tuple(state["weights"].shape)
+(['positions', 'weights', 'biases', 'node_bias'], (3, 2, 2))
+>>> again = convert(folder / "model.bin", folder / "vocab.json", folder / "freq.json", folder / "again")
+>>> torch.equal(again.model.weights, model.model.weights), again.get_edge_graph().col_idx.tolist()
+(True, [2, 0])
+
+```
 """
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from convert_official_checkpoint import REFERENCE_KEYS, ConversionError
-
-from modeling_brillm.output_folders import current_umask
+from .conversion import REFERENCE_KEYS, ConversionError
+from .modeling_brillm import BriLLMForCausalLM
+from .output_folders import current_umask
 
 
 def check_safetensors(path):
@@ -54,9 +73,6 @@ def check_safetensors(path):
 
 def load_folder(folder):
     """The `BriLLMForCausalLM` of a ``save_pretrained`` folder (weights memory-mapped), checked file by file."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from modeling_brillm import BriLLMForCausalLM
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{folder}: not a checkpoint folder (no config.json).")

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_brillm import BriLLMForCausalLM
+from modeling_brillm import conversion as converter
+from modeling_brillm import export as exporter
 from modeling_brillm.cli import main
 from modeling_brillm.data import MAX_ROW_CHARS, load_text, tokenize_and_pack
 from modeling_brillm.output_folders import FolderLock
@@ -25,9 +27,6 @@ from modeling_brillm.tokenization_brillm import train_bpe_tokenizer
 from modeling_brillm.train import latest_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "conversion"))
-import convert_official_checkpoint as converter  # noqa: E402
-import export_official_checkpoint as exporter  # noqa: E402
 
 CORPUS = "".join(f"line {i} of a small corpus, the cat sat on the mat\n" for i in range(60))
 
