@@ -22,7 +22,7 @@ from modeling_brillm import export as exporter
 from modeling_brillm.cli import main
 from modeling_brillm.data import MAX_ROW_CHARS, load_text, tokenize_and_pack
 from modeling_brillm.output_folders import FolderLock
-from modeling_brillm.preparation import prepare_corpus
+from modeling_brillm.preparation import prepare
 from modeling_brillm.tokenization_brillm import train_bpe_tokenizer
 from modeling_brillm.train import latest_checkpoint
 
@@ -71,7 +71,7 @@ def one_error_line(result):
 def prepared(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prepared")
     (folder / "corpus.txt").write_text(CORPUS)
-    prepare_corpus([folder / "corpus.txt"], folder / "P", seq_len=12, hidden_size=4, log=None)
+    prepare([folder / "corpus.txt"], folder / "P", seq_len=12, hidden_size=4, log=None)
     return folder / "P"
 
 
