@@ -33,7 +33,7 @@ from .configuration_brillm import BriLLMConfig
 from .graph_brillm import BriLLMEdgeGraph
 from .hub_brillm import write_model_card
 from .modeling_brillm import BriLLMForCausalLM, count_non_finite
-from .output_folders import staged_folder
+from .output_folders import holds_anything, staged_folder
 from .tokenization_brillm import character_tokenizer, is_character_vocabulary, save_tokenizer, tokenizer_from_json
 
 REFERENCE_KEYS = ("positions", "weights", "biases", "node_bias")
@@ -266,9 +266,7 @@ def check_output_folder(output):
     BriLLM ``config.json`` and only the files of `CONVERSION_FILES` (a training output, with its checkpoints, is
     never replaced)."""
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"{output} exists and is not a folder.")
-    if not output.is_dir() or not any(output.iterdir()):
+    if not holds_anything(output):
         return
     config = output / "config.json"
     if not config.is_file() or read_json(config).get("model_type") != "brillm":

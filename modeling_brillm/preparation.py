@@ -54,7 +54,7 @@ from .data import (
 from .graph_building import BigramCounter, build_graph, graph_statistics
 from .hub_brillm import write_model_card
 from .modeling_brillm import BriLLMForCausalLM
-from .output_folders import OutputFolderError, files_under, staged_folder
+from .output_folders import OutputFolderError, files_under, holds_anything, staged_folder
 from .tokenization_brillm import save_tokenizer, train_bpe_tokenizer, train_character_tokenizer
 
 TOKENIZERS = ("char", "bpe")
@@ -389,9 +389,7 @@ def check_output_folder(output_dir):
     """Refuse an ``output_dir`` that holds anything an earlier `prepare` did not write (its manifest, the
     ``files`` of ``prepare.json``, lists them): a file, a foreign folder, or a user's file inside a prepared one."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputFolderError(f"{output_dir} exists and is not a folder; choose another --output.")
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+    if not holds_anything(output_dir):
         return
     try:
         written = set(json.loads((output_dir / MANIFEST).read_text(encoding="utf-8"))["files"])

@@ -303,6 +303,18 @@ def test_a_full_disk_is_refused_before_writing(prepared, tmp_path, brillm):
 # 5. The converter never replaces a training output
 
 
+def test_an_output_that_is_a_file_is_refused_by_the_converter_and_prepare(fixture_dir, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("mine")
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    files = (fixture_dir / "model.bin", fixture_dir / "vocab.json", fixture_dir / "word_frequency.json")
+    with pytest.raises(ValueError, match=f"{target} exists and is not a folder; choose another --output"):
+        converter.convert(*files, target)
+    with pytest.raises(ValueError, match=f"{target} exists and is not a folder; choose another --output"):
+        prepare([tmp_path / "corpus.txt"], target, hidden_size=2, log=None)
+    assert target.read_text() == "mine"
+
+
 def test_the_converter_refuses_a_training_output(prepared, fixture_dir, converted_fixture, tmp_path):
     run = shutil.copytree(converted_fixture, tmp_path / "run")  # a final model ...
     checkpoint = run / "checkpoint-20"  # ... and the checkpoints beside it
