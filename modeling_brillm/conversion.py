@@ -189,59 +189,18 @@ def convert(
     check_output_folder(output)
     vocab = read_vocabulary(vocab_path)
     state = read_checkpoint(checkpoint)
-    V = len(vocab)
-    weights, biases, node_bias, positions = (state[k] for k in ("weights", "biases", "node_bias", "positions"))
-    P, d = weights.shape[0], weights.shape[-1]
-    if node_bias.shape[0] != V:
-        raise ConversionError(
-            f"{checkpoint}: node_bias has {node_bias.shape[0]} rows (one per node) but the vocabulary {vocab_path} "
-            f"has {V} tokens. The checkpoint and the vocabulary do not belong together."
-        )
-    expected = {"weights": (P, d, d), "biases": (P, 1, d), "node_bias": (V, 1, d), "positions": (1, positions.shape[1], 1)}
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise ConversionError(f"{checkpoint}: {key} has shape {tuple(state[key].shape)}, expected {shape}.")
+    _check_shapes(state, len(vocab), checkpoint, vocab_path)
     row_ptr, col_idx = read_slot_map(frequencies, vocab, vocab_path)
-    if weights.shape[0] != 1 + col_idx.numel():
+    if state["weights"].shape[0] != 1 + col_idx.numel():
         raise ConversionError(
-            f"{checkpoint} has {weights.shape[0]} slots but {frequencies} gives {col_idx.numel()} non-zero pairs, "
-            f"which need 1 + {col_idx.numel()} = {1 + col_idx.numel()} slots (the shared slot 0 and one per pair). "
-            "The checkpoint and the frequency file do not belong together."
+            f"{checkpoint} has {state['weights'].shape[0]} slots but {frequencies} gives {col_idx.numel()} non-zero "
+            f"pairs, which need 1 + {col_idx.numel()} = {1 + col_idx.numel()} slots (the shared slot 0 and one per "
+            "pair). The checkpoint and the frequency file do not belong together."
         )
-    if tokenizer_json is not None:
-        tokenizer = tokenizer_from_json(tokenizer_json, vocab)
-    elif is_character_vocabulary(vocab):
-        tokenizer = character_tokenizer(vocab, unk_token="<unk>" if "<unk>" in vocab else "[UNK]")
-    else:
-        tokenizer = None
-        print(
-            "note: the vocabulary has multi-character tokens and no --tokenizer-json was given, so no tokenizer was "
-            "written; pass the released BPE file (e.g. wiki_bpe_tokenizer_4000_bytelevel.json) to add one.",
-            file=sys.stderr,
-        )
-
-    config = BriLLMConfig(
-        vocab_size=V,
-        hidden_size=d,
-        max_position_embeddings=positions.shape[1],
-        num_slots=P,
-        position_shift=position_shift,
-        suppress_self_loop=True,
-        pad_token_id=next((vocab[t] for t in ("[PAD]", "<pad>") if t in vocab), None),
-        unk_token_id=next((vocab[t] for t in ("[UNK]", "<unk>") if t in vocab), None),
-        context_length=REFERENCE_CONTEXT_LENGTH,
-    )
-    with torch.device("meta"):
-        model = BriLLMForCausalLM(config)
-    # assign=True keeps the memory-mapped tensors themselves as parameters: no copy of the weights.
-    model.model.load_state_dict(
-        {**{k: state[k].float() for k in REFERENCE_KEYS}, "graph.row_ptr": row_ptr, "graph.col_idx": col_idx},
-        assign=True,
-    )
-    model.get_edge_graph().check()
+    tokenizer = _reference_tokenizer(vocab, tokenizer_json)
+    model = _reference_model(state, vocab, row_ptr, col_idx, position_shift)
     if dtype != "float32":
         model.to(getattr(torch, dtype))
-
     files = [f"checkpoint `{Path(checkpoint).name}`", f"vocabulary `{Path(vocab_path).name}`"]
     files += [f"edge frequencies `{Path(frequencies).name}`"]
     files += [f"tokenizer `{Path(tokenizer_json).name}`"] if tokenizer_json else []
@@ -257,7 +216,64 @@ def convert(
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             save_tokenizer(tokenizer, staging, context_length=REFERENCE_CONTEXT_LENGTH)
-        write_model_card(staging, config, made_from=made_from, language=language, license=license)
+        write_model_card(staging, model.config, made_from=made_from, language=language, license=license)
+    return model
+
+
+def _check_shapes(state, vocab_size, checkpoint, vocab_path):
+    """Raise `ConversionError` unless the four tensors have the reference shapes of one model of ``vocab_size``
+    nodes (the file names only serve the messages)."""
+    weights, node_bias, positions = state["weights"], state["node_bias"], state["positions"]
+    P, d, V = weights.shape[0], weights.shape[-1], vocab_size
+    if node_bias.shape[0] != V:
+        raise ConversionError(
+            f"{checkpoint}: node_bias has {node_bias.shape[0]} rows (one per node) but the vocabulary {vocab_path} "
+            f"has {V} tokens. The checkpoint and the vocabulary do not belong together."
+        )
+    expected = {"weights": (P, d, d), "biases": (P, 1, d), "node_bias": (V, 1, d), "positions": (1, positions.shape[1], 1)}
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ConversionError(f"{checkpoint}: {key} has shape {tuple(state[key].shape)}, expected {shape}.")
+
+
+def _reference_tokenizer(vocab, tokenizer_json=None):
+    """The tokenizer of the vocabulary: the given tokenizers JSON, one token per character for a character
+    vocabulary, else `None` (with a note on stderr)."""
+    if tokenizer_json is not None:
+        return tokenizer_from_json(tokenizer_json, vocab)
+    if is_character_vocabulary(vocab):
+        return character_tokenizer(vocab, unk_token="<unk>" if "<unk>" in vocab else "[UNK]")
+    print(
+        "note: the vocabulary has multi-character tokens and no --tokenizer-json was given, so no tokenizer was "
+        "written; pass the released BPE file (e.g. wiki_bpe_tokenizer_4000_bytelevel.json) to add one.",
+        file=sys.stderr,
+    )
+    return None
+
+
+def _reference_model(state, vocab, row_ptr, col_idx, position_shift):
+    """The float32 `BriLLMForCausalLM` holding the reference tensors ``state`` (memory-mapped, not copied) on the
+    slot map ``row_ptr``, ``col_idx``."""
+    weights, positions = state["weights"], state["positions"]
+    config = BriLLMConfig(
+        vocab_size=len(vocab),
+        hidden_size=weights.shape[-1],
+        max_position_embeddings=positions.shape[1],
+        num_slots=weights.shape[0],
+        position_shift=position_shift,
+        suppress_self_loop=True,
+        pad_token_id=next((vocab[t] for t in ("[PAD]", "<pad>") if t in vocab), None),
+        unk_token_id=next((vocab[t] for t in ("[UNK]", "<unk>") if t in vocab), None),
+        context_length=REFERENCE_CONTEXT_LENGTH,
+    )
+    with torch.device("meta"):
+        model = BriLLMForCausalLM(config)
+    # assign=True keeps the memory-mapped tensors themselves as parameters: no copy of the weights.
+    model.model.load_state_dict(
+        {**{k: state[k].float() for k in REFERENCE_KEYS}, "graph.row_ptr": row_ptr, "graph.col_idx": col_idx},
+        assign=True,
+    )
+    model.get_edge_graph().check()
     return model
 
 
