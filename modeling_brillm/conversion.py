@@ -342,5 +342,18 @@ def main(argv=None):
     )
 
 
+__all__ = [
+    "CONVERSION_FILES",
+    "REFERENCE_KEYS",
+    "ConversionError",
+    "check_output_folder",
+    "convert",
+    "read_checkpoint",
+    "read_json",
+    "read_slot_map",
+    "read_vocabulary",
+]
+
+
 if __name__ == "__main__":
     main()

@@ -167,5 +167,16 @@ def main(argv=None):
     print(f"wrote {args.output}: {weights.shape[0]:,} slots, d={weights.shape[-1]}, V={state['node_bias'].shape[0]}")
 
 
+__all__ = [
+    "check_safetensors",
+    "export",
+    "load_folder",
+    "reference_state",
+    "vocabulary",
+    "write_file_atomically",
+    "write_frequencies",
+]
+
+
 if __name__ == "__main__":
     main()
