@@ -308,8 +308,8 @@ def flow_kernel(cache, edges):
 
 def flow_unpadded(cache, edges):
     """`flow` for whole texts without padding from a fresh cache (training, evaluation). Every text is at the same
-    position, so the running softmax's rescale factors and exp(logit) terms are the same for all texts and are computed for
-    all steps at once (`accumulate`'s arithmetic, the same bits)."""
+    position, so the running softmax's rescale factors and exp(logit) terms are the same for all texts and are
+    computed for all steps at once (`accumulate`'s arithmetic, the same bits)."""
     T = edges.tokens.shape[1]
     signal = edges.start[:, 0]
     signals, energies = [signal], [signal]
