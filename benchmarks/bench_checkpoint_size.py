@@ -33,7 +33,7 @@ GB = 1e9
 
 # Runs a script (argv[1], with its arguments) and prints the process's peak resident memory as it exits.
 PEAK_REPORTER = """
-import atexit, os, runpy, sys
+import atexit, runpy, sys
 
 def report_peak():
     with open("/proc/self/status") as f:
@@ -42,7 +42,6 @@ def report_peak():
 
 atexit.register(report_peak)
 sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 

@@ -16,17 +16,14 @@ distinct token in it (all positions are scored), so its touched slots are ``1 + 
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from modeling_brillm import BriLLMConfig, BriLLMForCausalLM  # noqa: E402
-from modeling_brillm.optimization import LazyAdamW  # noqa: E402
+from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
+from modeling_brillm.optimization import LazyAdamW
 
 V, D, SLOTS, MAX_POSITIONS = 4000, 32, 906_998, 512
 BATCH, LENGTH = 32, 32
@@ -150,7 +147,7 @@ def sharded(args):
     """Per-step volume of a source-sharded graph (design arithmetic, see README "Scaling out")."""
     measured, windows = measured_degrees(args.prepared)
     exponent = zipf_exponent(measured)
-    positions = BATCH * LENGTH
+    positions_per_step = BATCH * LENGTH  # scored positions of one rank per step
     out = {"zipf_exponent": exponent}
     tokens = windows[: 200 * BATCH].reshape(-1)
     frequency = torch.bincount(tokens, minlength=V).double().sort(descending=True).values
@@ -174,8 +171,8 @@ def sharded(args):
             }  # fmt: skip
             entry[f"W{world}"] = {
                 "bytes_per_position": per_position,
-                "mb_per_rank_per_step": positions * sum(per_position.values()) / 1e6,
-                "mb_without_true_edge_rows": positions * (D * 4 + 16 + 8 + D * 4) / 1e6,
+                "mb_per_rank_per_step": positions_per_step * sum(per_position.values()) / 1e6,
+                "mb_without_true_edge_rows": positions_per_step * (D * 4 + 16 + 8 + D * 4) / 1e6,
                 "hottest_source_share_of_work": hottest,
                 "hot_sources_to_split": int((work / work.sum() > 1 / world).sum()),
                 "dense_ddp_gb_per_rank_per_step": 2 * (world - 1) / world * slots * (D * D + D) * 4 / GB,

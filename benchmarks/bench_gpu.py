@@ -29,9 +29,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from modeling_brillm import BriLLMConfig, BriLLMForCausalLM  # noqa: E402
+from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
 
 ENGLISH = {"vocab_size": 4000, "num_slots": 906_998, "hidden_size": 32}
 SMOKE = {"vocab_size": 24, "num_slots": 1 + 24 * 6, "hidden_size": 16}

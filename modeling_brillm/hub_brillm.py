@@ -32,11 +32,11 @@ def parameter_counts(config):
 
     ```
     """
-    V, d, P, positions = (
+    V, d, P, num_positions = (
         _field(config, name) for name in ("vocab_size", "hidden_size", "num_slots", "max_position_embeddings")
     )
     return {
-        "total": count_parameters(V, d, P, positions),
+        "total": count_parameters(V, d, P, num_positions),
         "slots": P,
         "own_edges": P - 1,
         "possible_edges": V * V,

@@ -230,8 +230,8 @@ def plot_positional_weights(model, num_edges=32, ax=None):
     """How the signal leaving the token after ``num_edges`` edges weights each earlier edge's energy."""
     plt = _pyplot()
     ax = ax or plt.subplots(figsize=(6, 3))[1]
-    weights = positional_weights(model, num_edges)
-    ax.plot(range(num_edges), weights.tolist(), marker="o", markersize=3)
+    shares = positional_weights(model, num_edges)  # (num_edges,) softmax weights, summing to 1
+    ax.plot(range(num_edges), shares.tolist(), marker="o", markersize=3)
     ax.set_xlabel("earlier edge (position)")
     ax.set_ylabel("weight in the signal")
     ax.set_title(f"positional weighting after {num_edges} edges")

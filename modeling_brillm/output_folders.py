@@ -42,6 +42,15 @@ class OutputFolderError(ValueError):
     """An output that cannot be written without losing something (the message names it and what to do)."""
 
 
+def holds_anything(target):
+    """Whether the output ``target`` holds anything a new output would replace: `False` for a missing or empty
+    folder; `OutputFolderError` where it is a file (never replaced by a folder)."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise OutputFolderError(f"{target} exists and is not a folder; choose another --output.")
+    return target.is_dir() and any(target.iterdir())
+
+
 def current_umask():
     """The process's file-creation mask (new files get ``0o666 & ~mask``, folders ``0o777 & ~mask``)."""
     mask = os.umask(0)
@@ -195,6 +204,7 @@ __all__ = [
     "current_umask",
     "disk_full_message",
     "files_under",
+    "holds_anything",
     "is_disk_full",
     "replace_folder",
     "staged_folder",

@@ -400,8 +400,8 @@ def next_token_logits(graph, weights, biases, sources, signals, signal_positions
     index = (signal_positions >= 0).reshape(-1).nonzero().squeeze(1)  # unpadded positions (N,)
     if index.numel() == 0:
         return signals.new_zeros(B, T, V, dtype=torch.float32)
-    positions = signal_positions.reshape(-1)[index] + position_shift
-    pe = sinusoidal_positions(int(positions.max()) + 1, d, signals.device).to(signals.dtype)[positions]
+    pe_rows = signal_positions.reshape(-1)[index] + position_shift  # (N,) the PE row of each out-edge
+    pe = sinusoidal_positions(int(pe_rows.max()) + 1, d, signals.device).to(signals.dtype)[pe_rows]
     sources = sources.reshape(-1)[index]
     logits = score(graph, weights, biases, plan_scoring(graph, sources), signals.reshape(-1, d)[index], pe, sparse, link)
     if index.numel() < B * T:  # padding scores nothing
@@ -427,12 +427,12 @@ def next_token_loss(graph, weights, biases, sources, signals, signal_positions, 
     B, T = sources.shape
     V, d = graph.vocab_size, signals.shape[-1]
     next_tokens = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)  # (B * T,)
-    positions = signal_positions.reshape(-1)
+    edge_index = signal_positions.reshape(-1)  # (B * T,) index of each token's out-edge in its text, -1 at padding
     valid = next_tokens != -100
-    scored = valid & (positions >= 0)
+    scored = valid & (edge_index >= 0)
     signals = signals.reshape(-1, d)
     table = sinusoidal_positions(past + T + position_shift, d, signals.device).to(signals.dtype)
-    pe = table[(positions + position_shift).clamp(min=0)]
+    pe = table[(edge_index + position_shift).clamp(min=0)]
     sources = torch.where(scored, sources.reshape(-1), -1)  # unscored positions read no slab
     nll = edge_nll(signals, pe, weights, biases, sources, next_tokens.clamp(min=0), graph.row_ptr, graph.col_idx,
                    sparse=sparse, link=link)  # fmt: skip

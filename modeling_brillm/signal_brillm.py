@@ -71,8 +71,8 @@ def accumulate(numerator, denominator, max_logit, energy, logit):
     """
     new_max = torch.where(denominator > 0, torch.maximum(max_logit, logit), logit).detach()
     rescale = torch.exp((max_logit - new_max).clamp(max=0))
-    weight = torch.exp(logit - new_max)
-    return numerator * rescale[:, None] + weight[:, None] * energy, denominator * rescale + weight, new_max
+    exp_logit = torch.exp(logit - new_max)  # the edge's softmax weight, before the division by the denominator
+    return numerator * rescale[:, None] + exp_logit[:, None] * energy, denominator * rescale + exp_logit, new_max
 
 
 def accumulate_one(numerator, denominator, max_logit, energy, logit):
@@ -80,8 +80,8 @@ def accumulate_one(numerator, denominator, max_logit, energy, logit):
     operation costs as much as its arithmetic): numerator and energy (1, d); returns ``(numerator, denominator,
     max_logit)`` with the last two as floats."""
     new_max = max(max_logit, logit) if denominator > 0 else logit
-    rescale, weight = math.exp(min(max_logit - new_max, 0.0)), math.exp(logit - new_max)
-    return torch.add(numerator * rescale, energy, alpha=weight), denominator * rescale + weight, new_max
+    rescale, exp_logit = math.exp(min(max_logit - new_max, 0.0)), math.exp(logit - new_max)
+    return torch.add(numerator * rescale, energy, alpha=exp_logit), denominator * rescale + exp_logit, new_max
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,13 +148,13 @@ class BriLLMCache:
         self.num_tokens = torch.zeros(batch_size, device=device, dtype=torch.long)
         self._record()
 
-    def advance(self, positions=1, **state):
-        """Move on by ``positions`` columns of ``input_ids``, to the new ``state`` (any of the tensor attributes)."""
+    def advance(self, columns=1, **state):
+        """Move on by ``columns`` columns of ``input_ids``, to the new ``state`` (any of the tensor attributes)."""
         for name, tensor in state.items():
             if name not in self._TENSORS:
                 raise TypeError(f"BriLLMCache has no state {name!r}; it holds {', '.join(self._TENSORS)}.")
             setattr(self, name, tensor)
-        self.seen_positions += positions
+        self.seen_positions += columns
         self._record()
 
     @property
@@ -308,8 +308,8 @@ def flow_kernel(cache, edges):
 
 def flow_unpadded(cache, edges):
     """`flow` for whole texts without padding from a fresh cache (training, evaluation). Every text is at the same
-    position, so the running softmax's rescale factors and weights are the same for all texts and are computed for
-    all steps at once (`accumulate`'s arithmetic, the same bits)."""
+    position, so the running softmax's rescale factors and exp(logit) terms are the same for all texts and are
+    computed for all steps at once (`accumulate`'s arithmetic, the same bits)."""
     T = edges.tokens.shape[1]
     signal = edges.start[:, 0]
     signals, energies = [signal], [signal]
@@ -319,12 +319,12 @@ def flow_unpadded(cache, edges):
         running_max = torch.cummax(logit.detach(), 0).values
         before = torch.cat([max_logit[:1], running_max[:-1]])
         rescales = torch.exp((before - running_max).clamp(max=0)).unbind(0)
-        weights = torch.exp(logit - running_max).unbind(0)
+        exp_logits = torch.exp(logit - running_max).unbind(0)
         edge_w, edge_b, edge_pe = edges.weights.unbind(1), edges.biases.unbind(1), edges.pe.unbind(1)
         for t in range(1, T):
             energy = edge_energy(signal, edge_w[t], edge_b[t], edge_pe[t])
-            numerator = numerator * rescales[t - 1] + weights[t - 1] * energy
-            denominator = denominator * rescales[t - 1] + weights[t - 1]
+            numerator = numerator * rescales[t - 1] + exp_logits[t - 1] * energy
+            denominator = denominator * rescales[t - 1] + exp_logits[t - 1]
             signal = numerator / denominator[:, None]
             signals.append(signal)
             energies.append(energy)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from modeling_brillm.cli import main
-from modeling_brillm.preparation import prepare_corpus
+from modeling_brillm.preparation import prepare
 from modeling_brillm.train import Recipe
 
 CORPUS = "".join(f"line {i} of a small corpus, the cat sat on the mat\n" for i in range(60))
@@ -17,7 +17,7 @@ def model_dir(tmp_path_factory):
     """A prepared model folder with its tokenizer (read-only: copy it before editing)."""
     folder = tmp_path_factory.mktemp("cli")
     (folder / "corpus.txt").write_text(CORPUS)
-    prepare_corpus([folder / "corpus.txt"], folder / "P", seq_len=12, hidden_size=4, log=None)
+    prepare([folder / "corpus.txt"], folder / "P", seq_len=12, hidden_size=4, log=None)
     return folder / "P" / "model"
 
 

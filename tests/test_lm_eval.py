@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer
 
 from modeling_brillm import BriLLMForCausalLM
-from modeling_brillm.preparation import prepare_corpus
+from modeling_brillm.preparation import prepare
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ def check_against_ours(model_dir, samples):
 
 def test_lm_eval_on_a_trained_folder(tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS)
-    prepare_corpus([tmp_path / "corpus.txt"], tmp_path / "prepared", hidden_size=4, log=None)
+    prepare([tmp_path / "corpus.txt"], tmp_path / "prepared", hidden_size=4, log=None)
     recipe = {"name": "lm-eval", "output_dir": str(tmp_path / "trained"), "data": {"prepared": str(tmp_path / "prepared")},
               "train": {"learning_rate": 0.05, "batch_size": 4, "max_steps": 4, "save_steps": 4, "eval_steps": 4,
                         "max_eval_batches": 1, "seed": 0}}  # fmt: skip

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_brillm import BriLLMForCausalLM
 from modeling_brillm.cli import main
-from modeling_brillm.preparation import prepare_corpus
+from modeling_brillm.preparation import PreparationSettings, build_parser, prepare
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = REPO_ROOT / "data" / "bundled"
@@ -26,7 +26,7 @@ BUNDLED = REPO_ROOT / "data" / "bundled"
 def prepared_zh(tmp_path_factory):
     """The bundled Chinese corpus prepared with the options the training recipes pass."""
     output = tmp_path_factory.mktemp("prepared") / "zh"
-    report = prepare_corpus(
+    report = prepare(
         [BUNDLED / "zh"],
         output,
         tokenizer="char",
@@ -137,8 +137,6 @@ def test_command_line_prepares_the_bundled_corpus_offline(tmp_path):
     assert report["graph"]["heldout"]["coverage"] > 0.95  # a character graph of 1.3 M characters sees almost every pair
     assert "held-out bigram coverage" in result.stdout
 
-    import modeling_brillm  # noqa: F401  (registers BriLLM with the Auto classes)
-
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "en" / "model")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "en" / "model")
     prompt = tokenizer("To be, or not", return_tensors="pt", add_special_tokens=False)
@@ -178,6 +176,19 @@ def test_bad_input_gives_clear_errors(tmp_path, run_cli):
         "prepare", "--corpus", good, "--valid", good, "--output", out
     )
 
-    report = prepare_corpus([tmp_path / "latin1.txt", good], out, encoding_errors="replace", hidden_size=2, log=None)
+    report = prepare([tmp_path / "latin1.txt", good], out, encoding_errors="replace", hidden_size=2, log=None)
     assert "\ufffd" in (out / "text" / "train.txt").read_text()
     assert report["unknown_token_rate"]["train"] == 0.0
+
+
+def test_command_line_defaults_are_the_settings_defaults():
+    # One place for each default: `brillm prepare` without options prepares what `prepare` does without keywords.
+    import argparse
+    from dataclasses import asdict
+
+    parser = argparse.ArgumentParser()
+    build_parser(parser)
+    args = parser.parse_args(["--corpus", "c", "--output", "o"])
+    assert {name: getattr(args, name) for name in asdict(PreparationSettings())} == asdict(PreparationSettings())
+    with pytest.raises(ValueError, match="max_position_embeddings must be an integer of at least 64"):
+        PreparationSettings(seq_len=64, max_position_embeddings=32)

@@ -22,14 +22,13 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer
 
 from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
+from modeling_brillm import conversion as converter
+from modeling_brillm import export as exporter
 from modeling_brillm.hub_brillm import write_model_card
 from modeling_brillm.tokenization_brillm import character_tokenizer, save_tokenizer, tokenizer_from_json
 from modeling_brillm.output_folders import current_umask
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "conversion"))
-import convert_official_checkpoint as converter  # noqa: E402
-import export_official_checkpoint as exporter  # noqa: E402
 
 RELEASED = Path(os.environ["BRILLM_REFERENCE_DIR"]) if os.environ.get("BRILLM_REFERENCE_DIR") else None
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -162,6 +161,24 @@ def test_converter_writes_a_portable_tokenizer_config(tmp_path, reference_files)
 def run_script(script, *args):
     command = [sys.executable, str(script), *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+
+
+def test_conversion_commands_run_as_package_modules(fixture_dir, tmp_path):
+    # `python -m modeling_brillm.conversion` / `.export` are the scripts' commands, run from any folder: the code
+    # lives in the package, so nothing depends on the scripts' own folder being on sys.path.
+    files = ["--checkpoint", fixture_dir / "model.bin", "--vocab", fixture_dir / "vocab.json"]
+    files += ["--frequencies", fixture_dir / "word_frequency.json"]
+    for command in (
+        ["-m", "modeling_brillm.conversion", *files, "--output", tmp_path / "hf"],
+        ["-m", "modeling_brillm.export", tmp_path / "hf", "--output", tmp_path / "model.bin"],
+    ):
+        result = subprocess.run([sys.executable, *map(str, command)], capture_output=True, text=True, cwd=tmp_path,
+                                timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("wrote "), result.stdout
+    original = torch.load(fixture_dir / "model.bin", weights_only=True)
+    exported = torch.load(tmp_path / "model.bin", weights_only=True)
+    assert list(exported) == list(original) and all(torch.equal(exported[k], original[k]) for k in original)
 
 
 def test_export_of_a_conversion_is_the_reference_checkpoint(converted_fixture, fixture_dir, tmp_path):
@@ -332,12 +349,10 @@ def test_converter_replaces_only_a_checkpoint_folder(fixture_dir, converted_fixt
 
 
 def test_a_conversion_failing_while_writing_leaves_the_output_alone(fixture_dir, converted_fixture, tmp_path, monkeypatch):
-    import modeling_brillm.hub_brillm
-
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(modeling_brillm.hub_brillm, "write_model_card", disk_full)  # the last file written
+    monkeypatch.setattr(converter, "write_model_card", disk_full)  # the last file written
     output = Path(shutil.copytree(converted_fixture, tmp_path / "out"))
     before = snapshot(output)
     with pytest.raises(OSError, match="No space left"):

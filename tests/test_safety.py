@@ -17,17 +17,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_brillm import BriLLMForCausalLM
+from modeling_brillm import conversion as converter
+from modeling_brillm import export as exporter
 from modeling_brillm.cli import main
 from modeling_brillm.data import MAX_ROW_CHARS, load_text, tokenize_and_pack
 from modeling_brillm.output_folders import FolderLock
-from modeling_brillm.preparation import prepare_corpus
+from modeling_brillm.preparation import prepare
 from modeling_brillm.tokenization_brillm import train_bpe_tokenizer
 from modeling_brillm.train import latest_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "conversion"))
-import convert_official_checkpoint as converter  # noqa: E402
-import export_official_checkpoint as exporter  # noqa: E402
 
 CORPUS = "".join(f"line {i} of a small corpus, the cat sat on the mat\n" for i in range(60))
 
@@ -72,7 +71,7 @@ def one_error_line(result):
 def prepared(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prepared")
     (folder / "corpus.txt").write_text(CORPUS)
-    prepare_corpus([folder / "corpus.txt"], folder / "P", seq_len=12, hidden_size=4, log=None)
+    prepare([folder / "corpus.txt"], folder / "P", seq_len=12, hidden_size=4, log=None)
     return folder / "P"
 
 
@@ -302,6 +301,18 @@ def test_a_full_disk_is_refused_before_writing(prepared, tmp_path, brillm):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. The converter never replaces a training output
+
+
+def test_an_output_that_is_a_file_is_refused_by_the_converter_and_prepare(fixture_dir, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("mine")
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    files = (fixture_dir / "model.bin", fixture_dir / "vocab.json", fixture_dir / "word_frequency.json")
+    with pytest.raises(ValueError, match=f"{target} exists and is not a folder; choose another --output"):
+        converter.convert(*files, target)
+    with pytest.raises(ValueError, match=f"{target} exists and is not a folder; choose another --output"):
+        prepare([tmp_path / "corpus.txt"], target, hidden_size=2, log=None)
+    assert target.read_text() == "mine"
 
 
 def test_the_converter_refuses_a_training_output(prepared, fixture_dir, converted_fixture, tmp_path):
