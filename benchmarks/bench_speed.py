@@ -49,7 +49,7 @@ import transformers  # noqa: E402
 from reference_path import ReferencePath  # noqa: E402
 
 from modeling_brillm import BriLLMConfig, BriLLMForCausalLM  # noqa: E402
-from modeling_brillm.optimization import LazyAdamW  # noqa: E402
+from modeling_brillm.train import TrainRecipe, build_optimizer, build_scheduler, objective_loss, train_step  # noqa: E402
 
 ENGLISH_SLOTS, ENGLISH_VOCAB = 906_998, 4000
 MB = 1e6
@@ -373,26 +373,25 @@ def bench_training_memory(model, guard, texts):
     weights, gradients, optimizer state and the step's temporaries, over the number of parameters."""
     params = sum(p.numel() for p in model.parameters())
     result = {"parameters": params}
-    setups = {
-        "adamw_fp32_dense": (False, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
-        "sgd_sparse": (True, lambda ps: torch.optim.SGD(ps, lr=1e-3)),
-        "lazy_adamw_sparse": (True, lambda ps: LazyAdamW(ps, lr=1e-3)),
+    setups = {  # brillm train's optimizers (train.build_optimizer) and step (train.train_step)
+        "adamw_fp32_dense": TrainRecipe(learning_rate=1e-3, optimizer="adamw"),
+        "sgd_sparse": TrainRecipe(learning_rate=1e-3, optimizer="sgd", sparse_gradients=True),
+        "lazy_adamw_sparse": TrainRecipe(learning_rate=1e-3, optimizer="lazy_adamw", sparse_gradients=True),
     }
-    for name, (sparse, make) in setups.items():
+    mask = torch.ones_like(texts)
+    for name, settings in setups.items():
         before = _status_kb("VmRSS")
         trained = copy.deepcopy(model).train()
-        trained.set_sparse_gradients(sparse)
-        optimizer = make(trained.parameters())
+        optimizer = build_optimizer(trained, settings)
+        scheduler = build_scheduler(optimizer, settings, num_steps=4)
 
         def step():
-            optimizer.zero_grad(set_to_none=True)
-            trained(texts, labels=texts).loss.backward()
-            optimizer.step()
+            train_step(trained, objective_loss, texts, mask, optimizer, scheduler)
 
         timing = measure(guard, step, 3, 1)  # the warm-up step creates the optimizer state
         grown = (timing["peak_kb"] - before) * 1024  # the copy's weights, gradients, optimizer state, temporaries
         result[name] = {"step_s": timing["median_s"], "bytes_per_parameter": grown / params}
-        del trained, optimizer, step
+        del trained, optimizer, scheduler, step
     return result
 
 

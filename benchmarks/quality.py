@@ -7,7 +7,7 @@
 One recipe (``configuration/quality/*.yaml``) names a corpus folder (``train.txt`` + ``valid.txt``, as
 ``brillm prepare-corpus`` writes), the tokenizer and the runs. The script
 
-1. prepares the corpus once with ``brillm prepare``'s `prepare_corpus` (tokenizer, 32-token samples); extra
+1. prepares the corpus once with ``brillm prepare``'s `preparation.prepare` (tokenizer, 32-token samples); extra
    validation files (e.g. ``valid_wikipedia.txt``) are normalised, tokenized and packed the same way;
 2. picks ``eval_samples`` evenly spaced samples of every validation set: **every model is scored on exactly these
    tokens**, with one definition: a sample of L real tokens scores tokens 2..L, each given the tokens before it
@@ -56,7 +56,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 KENLM_CACHE = Path.home() / ".cache" / "brillm" / "kenlm"
 KENLM_SDIST = ("kenlm", "0.3.0", "kenlm-0.3.0.tar.gz", "c4628bb9fb63c8a6f9240035b8b037385cfc404cb72e933cf48878291edac1e8")
 KENLM_APT = [
@@ -157,9 +156,9 @@ def say(*parts):
 
 
 def prepare(recipe, output_dir):
-    """`prepare_corpus` once (reused while its settings match); returns the prepared folder."""
+    """`preparation.prepare` once (reused while its settings match); returns the prepared folder."""
     from modeling_brillm.corpora import sha256_file
-    from modeling_brillm.preparation import prepare_corpus
+    from modeling_brillm.preparation import prepare as prepare_folder
 
     corpus = Path(recipe["corpus"])
     if not (corpus / "train.txt").is_file():
@@ -184,7 +183,7 @@ def prepare(recipe, output_dir):
         return prepared
     started = time.perf_counter()
     # The prepared model is not used (every run builds its own on the counted graph): keep it tiny (d = 2).
-    prepare_corpus([corpus], prepared, tokenizer=recipe["tokenizer"], vocab_size=recipe["vocab_size"],
+    prepare_folder([corpus], prepared, tokenizer=recipe["tokenizer"], vocab_size=recipe["vocab_size"],
                    seq_len=recipe["seq_len"], min_edge_count=1, hidden_size=2, seed=recipe["seed"], log=None)  # fmt: skip
     stamp.write_text(json.dumps(wanted, indent=1))
     say(f"prepared {corpus} in {time.perf_counter() - started:.1f} s -> {prepared}")
@@ -889,5 +888,4 @@ def plot(results, path):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))
     main()

@@ -556,9 +556,9 @@ def load_prepared(recipe, accelerator):
         if not (prepared / "model" / "config.json").is_file():
             if not recipe.data.corpus:
                 raise FileNotFoundError(f"{prepared} is not a prepared folder and the recipe names no data.corpus.")
-            from .preparation import prepare_corpus
+            from .preparation import prepare
 
-            prepare_corpus(
+            prepare(
                 recipe.data.corpus,
                 prepared,
                 tokenizer=recipe.data.tokenizer,
@@ -683,10 +683,10 @@ class TrainingRun:
 
     ```python
     >>> import tempfile
-    >>> from modeling_brillm.preparation import prepare_corpus
+    >>> from modeling_brillm.preparation import prepare
     >>> folder = Path(tempfile.mkdtemp())
     >>> _ = (folder / "a.txt").write_text("to be or not to be, that is the question.\\n" * 40)
-    >>> _ = prepare_corpus([folder / "a.txt"], folder / "prepared", vocab_size=300, seq_len=8, hidden_size=4, log=None)
+    >>> _ = prepare([folder / "a.txt"], folder / "prepared", vocab_size=300, seq_len=8, hidden_size=4, log=None)
     >>> recipe = Recipe("doc", DataRecipe(prepared=str(folder / "prepared")), TrainRecipe(
     ...     learning_rate=0.05, batch_size=4, num_epochs=2, lr_scheduler_type="linear", warmup_steps=2,
     ...     save_steps=100, eval_steps=100, log_steps=100), output_dir=str(folder / "out"))

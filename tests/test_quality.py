@@ -90,7 +90,7 @@ def test_training_runs_rebuild_the_token_stream(tmp_path):
     """The n-grams are trained on the runs the packed samples were cut from (blocks overlap by one token)."""
     from transformers import PreTrainedTokenizerFast
 
-    from modeling_brillm.data import load_text, tokenize_and_pack, write_corpus_split
+    from modeling_brillm.data import load_text, sample_tensors, tokenize_and_pack, write_corpus_split
     from modeling_brillm.tokenization_brillm import train_character_tokenizer
 
     quality = _quality_module()
@@ -100,6 +100,6 @@ def test_training_runs_rebuild_the_token_stream(tmp_path):
     tokenizer = train_character_tokenizer(iter(source.read_text().splitlines(keepends=True)))
     assert isinstance(tokenizer, PreTrainedTokenizerFast)
     samples = tokenize_and_pack(load_text(tmp_path / "text", cache_dir=tmp_path / "cache"), tokenizer, seq_len=8)
-    runs = quality.training_runs(quality._tensors(samples["train"]))
+    runs = quality.training_runs(sample_tensors(samples["train"]))
     documents = source.read_text().split("<|endoftext|>\n")
     assert runs == [tokenizer(document, add_special_tokens=False)["input_ids"] for document in documents]
