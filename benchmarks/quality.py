@@ -80,6 +80,8 @@ BRILLM_KEYS = {
     "warmup_steps": 0,
     "batch_size": 16,
     "train_tokens": 20000,  # the schedule's length is this many tokens of full samples
+    "epochs": None,  # instead of train_tokens: this many passes over the training samples (the schedule's length)
+    "converge": False,  # stop by the recipe's convergence rule (needs epochs and dev_samples)
     "max_seconds": None,  # stop earlier when training took this long
     "curve": False,  # evaluate at curve_points milestones (for the plot)
     "reference": False,  # GPT-2 and the "equal tokens" n-gram are matched to this run
@@ -94,6 +96,8 @@ GPT2_KEYS = {
     "warmup_steps": 50,
     "batch_size": None,  # default: the reference BriLLM run's (so both see the same batches)
     "max_seconds": None,  # default: the reference BriLLM run's training wall-clock ("equal wall-clock")
+    "epochs": None,  # with converge: a third GPT-2 run, "to convergence", of at most this many epochs
+    "converge": False,
 }
 RECIPE_KEYS = {
     "name": None,
@@ -108,6 +112,12 @@ RECIPE_KEYS = {
     "eval_batch_size": 64,
     "curve_points": 3,
     "seed": 0,
+    # Training samples held out as the development set (evenly spaced, removed from training and from the graph):
+    # the convergence rule and learning-rate sweeps read it, never the reported validation texts.
+    "dev_samples": 0,
+    # A run with `converge: true` stops at the first epoch end, from min_epochs on, where its development-set
+    # bits/char improved by less than min_improvement over the epoch (or after its `epochs`, the schedule's length).
+    "convergence": {"min_epochs": 3, "min_improvement": 0.01},
     "kenlm": {"orders": [2, 3, 5], "equal_tokens_order": 3, "memory": "2G"},
     "brillm_defaults": {},
     "brillm": [],
@@ -127,6 +137,7 @@ def load_recipe(path):
     recipe["name"] = recipe["name"] or Path(path).stem
     recipe["output_dir"] = recipe["output_dir"] or f"outputs/quality/{recipe['name']}"
     recipe["kenlm"] = {**RECIPE_KEYS["kenlm"], **(raw.get("kenlm") or {})}
+    recipe["convergence"] = {**RECIPE_KEYS["convergence"], **(raw.get("convergence") or {})}
     defaults = {**BRILLM_KEYS, **recipe["brillm_defaults"]}
     runs = []
     for entry in recipe["brillm"]:
@@ -136,6 +147,7 @@ def load_recipe(path):
         run = {**defaults, **entry}
         if run["objective"] not in ("full", "sampled") or run["positions"] not in ("learned", "last"):
             raise ValueError(f"{path}: {run['name']}: objective must be full|sampled, positions learned|last.")
+        _check_convergence(path, run, recipe)
         runs.append(run)
     if sum(run["reference"] for run in runs) != 1:
         raise ValueError(f"{path}: exactly one brillm run must say `reference: true`.")
@@ -144,7 +156,13 @@ def load_recipe(path):
     if bad:
         raise ValueError(f"{path}: unknown gpt2 keys {sorted(bad)}; allowed: {sorted(GPT2_KEYS)}")
     recipe["gpt2"] = {**GPT2_KEYS, **(recipe["gpt2"] or {})}
+    _check_convergence(path, recipe["gpt2"], recipe)
     return recipe
+
+
+def _check_convergence(path, run, recipe):
+    if run["converge"] and not (run["epochs"] and recipe["dev_samples"]):
+        raise ValueError(f"{path}: {run['name']}: converge needs epochs (the most it may train) and dev_samples.")
 
 
 def say(*parts):
@@ -188,6 +206,19 @@ def prepare(recipe, output_dir):
     stamp.write_text(json.dumps(wanted, indent=1))
     say(f"prepared {corpus} in {time.perf_counter() - started:.1f} s -> {prepared}")
     return prepared
+
+
+def development_split(train_split, count):
+    """``(training samples, development samples)``: ``count`` evenly spaced training samples set aside (as
+    `sample_tensors`; `None` when ``count`` is 0)."""
+    from modeling_brillm.data import sample_tensors
+
+    if not count:
+        return train_split, None
+    chosen = set(torch_linspace(len(train_split), count))
+    kept = [row for row in range(len(train_split)) if row not in chosen]
+    say(f"development set: {len(chosen)} training samples set aside")
+    return train_split.select(kept), sample_tensors(train_split.select(sorted(chosen)))
 
 
 def validation_sets(recipe, prepared, dataset, tokenizer):
@@ -246,12 +277,13 @@ def evaluate_all(model, valid, batch_size):
 
 
 def run_training(name, model, loss_fn, train_set, settings, valid, milestones, eval_batch_size, primary, stop,
-                 num_steps=None, full_eval_at=()):  # fmt: skip
+                 num_steps=None, full_eval_at=(), epoch_check=None):  # fmt: skip
     """Train ``model`` with `brillm train`'s step (`train_step`: AdamW, the run's learning-rate schedule over
-    ``num_steps`` optimizer steps) in its data order (`batch_stream`) until ``stop(tokens, seconds)``; evaluate on
-    the primary validation set when the tokens pass one of ``milestones``, at the end of every epoch and at the end
-    (on every set at the marks in ``full_eval_at``), with the clock paused. Returns the curve, the tokens, the
-    training seconds and the indices of the samples seen."""
+    ``num_steps`` optimizer steps) in its data order (`batch_stream`) until ``stop(tokens, seconds)`` or, at an
+    epoch end, ``epoch_check(epochs_done, model)`` (`convergence_check`); evaluate on the primary validation set
+    when the tokens pass one of ``milestones``, at the end of every epoch and at the end (on every set at the marks
+    in ``full_eval_at``), with the clock paused. Returns the curve, the tokens, the training seconds and the indices
+    of the samples seen."""
     from modeling_brillm.train import (LENGTH_FREE_SCHEDULES, TrainRecipe, batch_stream, build_optimizer,
                                        build_scheduler, check_schedule, train_step)  # fmt: skip
 
@@ -280,7 +312,7 @@ def run_training(name, model, loss_fn, train_set, settings, valid, milestones, e
             say(f"{name}: step {steps}, {tokens} tokens, {seconds:.0f} s, loss {loss.item():.3f}, "
                 f"{tokens / seconds:.0f} tokens/s")  # fmt: skip
             last_log = time.perf_counter()
-        done = stop(tokens, seconds)
+        done = stop(tokens, seconds) or (ends_epoch and epoch_check is not None and epoch_check(epoch + 1, model))
         passed = [mark for mark in milestones if mark <= tokens]
         milestones = [mark for mark in milestones if mark > tokens]
         if passed or done or ends_epoch:
@@ -300,6 +332,47 @@ def run_training(name, model, loss_fn, train_set, settings, valid, milestones, e
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return {"curve": curve, "tokens": tokens, "steps": steps, "seconds": round(seconds, 2), "seen": seen,
             "at_tokens": at_tokens, "final_loss": loss.item(), "load_average": load}  # fmt: skip
+
+
+def convergence_check(dev, eval_batch_size, min_epochs, min_improvement, max_epochs):
+    """``(check, history)``: ``check(epochs_done, model)`` scores the development samples ``dev``, appends the
+    bits/char to ``history["bits_per_char"]`` and says whether to stop: after ``max_epochs``, or from
+    ``min_epochs`` on once an epoch improved them by less than ``min_improvement`` (``history["converged_at"]``:
+    that epoch)."""
+    history = {"bits_per_char": [], "converged_at": None}
+
+    def check(epochs_done, model):
+        bits = history["bits_per_char"]
+        bits.append(evaluate(model, dev, eval_batch_size)["bits_per_char"])
+        model.train()
+        if epochs_done >= min_epochs and len(bits) > 1 and bits[-2] - bits[-1] < min_improvement:
+            history["converged_at"] = epochs_done
+        say(f"epoch {epochs_done}: development bits/char {bits[-1]}"
+            f"{' (converged)' if history['converged_at'] else ''}")  # fmt: skip
+        return epochs_done >= max_epochs or history["converged_at"] is not None
+
+    return check, history
+
+
+def training_limits(run, recipe, num_samples, dev):
+    """``(stop, num_steps, epoch_check, dev_history)`` of a run: by tokens (``train_tokens``, ``max_seconds``) or
+    by epochs (``epochs``, with the convergence rule when ``converge``)."""
+    if run["epochs"]:
+        num_steps = run["epochs"] * (num_samples // run["batch_size"])
+        check, history = convergence_check(dev, recipe["eval_batch_size"], recipe["convergence"]["min_epochs"],
+                                           recipe["convergence"]["min_improvement"] if run["converge"] else -math.inf,
+                                           run["epochs"]) if dev is not None else (None, None)  # fmt: skip
+        if check is None:
+            def check(epochs_done, model):
+                return epochs_done >= run["epochs"]
+        return (lambda tokens, seconds: False), num_steps, check, history
+    limit_tokens, limit_seconds = run["train_tokens"], run["max_seconds"]
+    num_steps = math.ceil(limit_tokens / (run["batch_size"] * recipe["seq_len"]))
+
+    def stop(tokens, seconds):
+        return tokens >= limit_tokens or (limit_seconds is not None and seconds >= limit_seconds)
+
+    return stop, num_steps, None, None
 
 
 def brillm_model(run, graph_counts, tokenizer, vocab_size, seed):
@@ -566,10 +639,11 @@ def study(recipe, output_dir, args):
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     dataset = load_from_disk(str(prepared / "dataset"))
     vocab_size = len(tokenizer)
-    train_set = sample_tensors(dataset["train"])
+    train_split, dev = development_split(dataset["train"], recipe["dev_samples"])
+    train_set = sample_tensors(train_split)
     valid = validation_sets(recipe, prepared, dataset, tokenizer)
     primary = next(iter(valid))
-    counts, _ = count_sample_bigrams(dataset["train"], vocab_size)
+    counts, _ = count_sample_bigrams(train_split, vocab_size)
     graph_counts = counts.result()
     results = {
         "recipe": {k: v for k, v in recipe.items()},
@@ -587,12 +661,12 @@ def study(recipe, output_dir, args):
 
     warm_up(train_set, graph_counts, tokenizer, vocab_size, recipe["seq_len"])
 
-    records = brillm_runs(recipe, args, runs_dir, train_set, valid, primary, graph_counts, tokenizer, vocab_size)
+    records = brillm_runs(recipe, args, runs_dir, train_set, dev, valid, primary, graph_counts, tokenizer, vocab_size)
     results["rows"].extend(_row(record) for record in records.values())
     reference = next(run for run in recipe["brillm"] if run["reference"])
     ref_record = records.get(reference["name"])
     if ref_record is not None:  # GPT-2: same batches, same tokens, then on to the same wall-clock
-        record = gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, valid, primary, vocab_size)
+        record = gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, valid, primary, vocab_size)
         results["rows"].extend(_gpt2_rows(record))
 
     # ---- KenLM
@@ -610,7 +684,7 @@ def study(recipe, output_dir, args):
     return results
 
 
-def brillm_runs(recipe, args, runs_dir, train_set, valid, primary, graph_counts, tokenizer, vocab_size):
+def brillm_runs(recipe, args, runs_dir, train_set, dev, valid, primary, graph_counts, tokenizer, vocab_size):
     """Train and evaluate every BriLLM run of the recipe (or reuse its cached record): {name: record}."""
     import torch
 
@@ -638,13 +712,12 @@ def brillm_runs(recipe, args, runs_dir, train_set, valid, primary, graph_counts,
         say(f"{run['name']}: BriLLM d={run['hidden_size']} min_edge_count={run['min_edge_count']} "
             f"objective={run['objective']} positions={run['positions']}: {model.num_parameters():,} parameters")  # fmt: skip
         milestones = [round(f * run["train_tokens"]) for f in fractions] if run["curve"] else [run["train_tokens"]]
+        milestones = [] if run["epochs"] else milestones  # an epoch run is evaluated at every epoch end
         positions_before = model.base_model.positions.detach().clone()
-        limit_tokens, limit_seconds = run["train_tokens"], run["max_seconds"]
-        num_steps = math.ceil(limit_tokens / (run["batch_size"] * recipe["seq_len"]))
+        stop, num_steps, epoch_check, dev_history = training_limits(run, recipe, len(train_set["input_ids"]), dev)
         trained = run_training(run["name"], model, brillm_loss(run, successors), train_set,
                                {**run, "seed": recipe["seed"]}, valid, milestones, recipe["eval_batch_size"], primary,
-                               stop=lambda tokens, seconds: tokens >= limit_tokens
-                               or (limit_seconds is not None and seconds >= limit_seconds), num_steps=num_steps)  # fmt: skip
+                               stop=stop, num_steps=num_steps, epoch_check=epoch_check)  # fmt: skip
         if run["positions"] == "last":
             assert torch.equal(positions_before, model.base_model.positions), "frozen positions changed"
         started = time.perf_counter()
@@ -659,7 +732,7 @@ def brillm_runs(recipe, args, runs_dir, train_set, valid, primary, graph_counts,
             "train_tokens": trained["tokens"], "steps": trained["steps"], "seconds": trained["seconds"],
             "tokens_per_second": round(trained["tokens"] / max(trained["seconds"], 1e-9), 1),
             "eval_seconds": round(eval_seconds, 1), "metrics": metrics, "curve": trained["curve"],
-            "load_average": trained["load_average"],
+            "load_average": trained["load_average"], "dev_curve": dev_history,
             "seen": trained["seen"] if run["reference"] else None,
         }  # fmt: skip
         cached.write_text(json.dumps(record))
@@ -669,7 +742,7 @@ def brillm_runs(recipe, args, runs_dir, train_set, valid, primary, graph_counts,
     return records
 
 
-def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, valid, primary, vocab_size):
+def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, valid, primary, vocab_size):
     """GPT-2 on the reference BriLLM run's batches: equal tokens, then on to equal wall-clock (or the cached record)."""
     settings = {**recipe["gpt2"]}
     settings["batch_size"] = settings["batch_size"] or reference["batch_size"]
@@ -699,6 +772,26 @@ def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, valid, pr
                   "eval_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
         cached.write_text(json.dumps(record))
         del model
+    if settings["converge"]:
+        record["converged"] = gpt2_to_convergence(recipe, runs_dir, settings, train_set, dev, valid, primary, vocab_size)
+    return record
+
+
+def gpt2_to_convergence(recipe, runs_dir, settings, train_set, dev, valid, primary, vocab_size):
+    """A fresh GPT-2 trained by the recipe's convergence rule (or its cached record)."""
+    key = _run_key(recipe, {**settings, "to": "convergence"})
+    cached = runs_dir / "gpt2-converged.json"
+    if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
+        return json.loads(cached.read_text())
+    model = gpt2_model(settings, vocab_size, recipe["seq_len"], recipe["seed"])
+    stop, num_steps, epoch_check, dev_history = training_limits(settings, recipe, len(train_set["input_ids"]), dev)
+    trained = run_training("gpt2-converged", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid,
+                           [], recipe["eval_batch_size"], primary, stop=stop, num_steps=num_steps,
+                           epoch_check=epoch_check)  # fmt: skip
+    trained.pop("seen")
+    metrics = evaluate_all(model, valid, recipe["eval_batch_size"])
+    record = {"key": key, "trained": trained, "metrics": metrics, "dev_curve": dev_history}
+    cached.write_text(json.dumps(record))
     return record
 
 
@@ -738,6 +831,7 @@ def _row(record):
         "tokens_per_second": record["tokens_per_second"], "parameters": record["parameters"],
         "active_parameters": round(record["active_parameters"]), "own_edges": record["own_edges"],
         "metrics": record["metrics"], "curve": record["curve"], "load_average": record["load_average"],
+        "development": record.get("dev_curve"),
     }  # fmt: skip
 
 
@@ -762,6 +856,17 @@ def _gpt2_rows(record):
         "parameters": record["parameters"], "active_parameters": record["parameters"],
         "metrics": record["metrics"], "curve": trained["curve"], "load_average": trained["load_average"],
     })  # fmt: skip
+    converged = record.get("converged")
+    if converged is not None:
+        trained = converged["trained"]
+        rows.append({
+            "name": "gpt2 (to convergence)", "kind": "gpt2", "groups": ["main"], "description": description,
+            "train_tokens": trained["tokens"], "seconds": trained["seconds"],
+            "tokens_per_second": round(trained["tokens"] / max(trained["seconds"], 1e-9), 1),
+            "parameters": record["parameters"], "active_parameters": record["parameters"],
+            "metrics": converged["metrics"], "curve": trained["curve"], "load_average": trained["load_average"],
+            "development": converged["dev_curve"],
+        })  # fmt: skip
     return rows
 
 
@@ -865,7 +970,12 @@ def plot(results, path):
     for row in results["rows"]:
         if row.get("curve") and len(row["curve"]) > 1:
             points = [(p["tokens"], p["metrics"]["bits_per_char"]) for p in row["curve"]]
-            ax.plot(*zip(*points), styles[row["kind"]], label=row["name"], markersize=4)
+            (line,) = ax.plot(*zip(*points), styles[row["kind"]], label=row["name"], markersize=4)
+            converged = (row.get("development") or {}).get("converged_at")
+            if converged:  # the epoch end where the development set stopped improving by min_improvement
+                point = next(p for p in row["curve"] if p.get("epoch") == converged)
+                ax.plot([point["tokens"]], [point["metrics"]["bits_per_char"]], "*", color=line.get_color(),
+                        markersize=12, markeredgecolor="black")  # fmt: skip
         elif row["kind"] == "kenlm" and row.get("equal_tokens"):
             ax.plot([row["train_tokens"]], [row["metrics"][primary]["bits_per_char"]], "k*", markersize=8,
                     label=f"{row['name']}")  # fmt: skip

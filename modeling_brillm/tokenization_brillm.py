@@ -208,47 +208,49 @@ def byte_level_symbols():
 
 
 _LEADS = {**{b: 1 for b in range(0xC2, 0xE0)}, **{b: 2 for b in range(0xE0, 0xF0)}, **{b: 3 for b in range(0xF0, 0xF5)}}
+_ANY = (0x80, 0xBF)  # the continuation bytes
+_SECOND = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}  # no overlong, surrogate, > U+10FFFF
+# Where a byte stream can stand: between characters, or inside one, needing n more bytes the next of which lies in
+# a range (narrower right after the leads of `_SECOND`).
+STATES = ((0, _ANY), (1, _ANY), (2, _ANY), (3, _ANY), *((_LEADS[lead], span) for lead, span in _SECOND.items()))
 
 
-def utf8_shape(data):
-    """``(leading, pending, valid)`` of a token's bytes inside a UTF-8 stream: the continuation bytes it starts
-    with (ending a character begun before it), the bytes its last character still needs, and whether the rest is
-    well formed.
+def utf8_shape(data, state=STATES[0]):
+    """How the bytes ``data`` continue a UTF-8 stream standing at ``state`` (see `STATES`): the state after
+    them, or `None` when they break a character.
 
     Example:
 
     ```python
-    >>> utf8_shape("é".encode()), utf8_shape("é".encode()[:1]), utf8_shape(b"\\xa9 a"), utf8_shape(b"\\xff")
-    ((0, 0, True), (0, 1, True), (1, 0, True), (0, 0, False))
+    >>> utf8_shape("é".encode()), utf8_shape("é".encode()[:1]), utf8_shape(b"\\xa9 a", (1, (0x80, 0xBF)))
+    ((0, (128, 191)), (1, (128, 191)), (0, (128, 191)))
+    >>> utf8_shape(b"\\xa9"), utf8_shape(b"\\xf4\\x90\\x80\\x80")  # a stray continuation byte; above U+10FFFF
+    (None, None)
 
     ```
     """
-    leading = 0
-    while leading < len(data) and 0x80 <= data[leading] < 0xC0:
-        leading += 1
-    index = leading
-    while index < len(data):
-        need = 0 if data[index] < 0x80 else _LEADS.get(data[index])
-        if need is None:  # a continuation byte without a lead, or a byte UTF-8 never uses
-            return leading, 0, False
-        tail = data[index + 1 : index + 1 + need]
-        if not all(0x80 <= byte < 0xC0 for byte in tail):
-            return leading, 0, False
-        if len(tail) < need:
-            return leading, need - len(tail), True
-        index += 1 + need
-    return leading, 0, True
+    need, (low, high) = state
+    for byte in data:
+        if need:
+            if not low <= byte <= high:
+                return None
+            need, (low, high) = need - 1, _ANY
+        elif byte >= 0x80:
+            if byte not in _LEADS:  # a continuation byte without a lead, or a byte UTF-8 never uses
+                return None
+            need, (low, high) = _LEADS[byte], _SECOND.get(byte, _ANY)
+    return need, (low, high)
 
 
 class WholeCharacters(LogitsProcessor):
     """Keeps what a byte-level BPE model generates valid UTF-8: no token that would break a character, and (with
     ``max_length``) no character left unfinished at the end, so the decoded text never shows U+FFFD.
 
-    A byte-level BPE token may hold part of a character (a lead byte, or continuation bytes). After a sequence that
-    ends inside a character only tokens that continue it are allowed; elsewhere a token may not start with
-    continuation bytes; a token that would leave a character unfinished is allowed only if some token can finish
-    it and (``max_length``: the sequence length ``generate`` stops at) a step is left to do so. Tokenizers that
-    are not byte-level (characters, words) need nothing: `for_tokenizer` returns `None` for them.
+    A byte-level BPE token may hold part of a character (a lead byte, or continuation bytes). Each step allows
+    only the tokens whose bytes continue the sequence's bytes as valid UTF-8 (`utf8_shape`), and a token that
+    leaves a character unfinished only if some tokens can finish it and (``max_length``: the sequence length
+    ``generate`` stops at) a step is left to do so. Tokenizers that are not byte-level (characters, words) need
+    nothing: `for_tokenizer` returns `None` for them.
 
     Example:
 
@@ -270,27 +272,25 @@ class WholeCharacters(LogitsProcessor):
 
     def __init__(self, token_bytes, max_length=None):
         self.token_bytes, self.max_length = token_bytes, max_length
-        shapes = [utf8_shape(data) if data is not None else None for data in token_bytes]
-        # allowed[k, t]: token t may follow a sequence whose last character needs k more bytes; then[k, t]: what its
-        # last character needs after it.
-        allowed = torch.zeros(4, len(token_bytes), dtype=torch.bool)
-        then = torch.zeros(4, len(token_bytes), dtype=torch.long)
-        for token, shape in enumerate(shapes):
-            if shape is None:  # a special token: no bytes, allowed between characters
-                allowed[0, token] = True
-                continue
-            leading, pending, valid = shape
-            for k in range(4):
-                if valid and leading == len(token_bytes[token]) and 0 < leading < k:  # only continuation bytes
-                    allowed[k, token], then[k, token] = True, k - leading
-                elif valid and leading == k and len(token_bytes[token]) > 0:
-                    allowed[k, token], then[k, token] = True, pending
-        finishable = torch.zeros(4, dtype=torch.bool)
+        index = {state: i for i, state in enumerate(STATES)}
+        # allowed[s, t]: token t may follow a stream standing at STATES[s]; then[s, t]: where it stands after t.
+        allowed = torch.zeros(len(STATES), len(token_bytes), dtype=torch.bool)
+        then = torch.zeros(len(STATES), len(token_bytes), dtype=torch.long)
+        for token, data in enumerate(token_bytes):
+            for s, state in enumerate(STATES):
+                if data is None:  # a special token: no bytes, allowed between characters
+                    allowed[s, token] = s == 0
+                    continue
+                after = utf8_shape(data, state) if data else None
+                if after is not None:
+                    allowed[s, token], then[s, token] = True, index[after]
+        finishable = torch.zeros(len(STATES), dtype=torch.bool)
         finishable[0] = True
-        for k in range(1, 4):  # a character needing k bytes can be finished (continuations add <= k bytes)
-            finishable[k] = bool((allowed[k] & finishable[then[k]]).any())
+        for _ in STATES:  # a state is finishable if some allowed token leads to a finishable one
+            finishable = finishable | (allowed & finishable[then]).any(1)
         self.allowed = allowed & finishable[then]
         self.finishing = self.allowed & (then == 0)  # allowed as the last token
+        self._index = index
 
     @classmethod
     def for_tokenizer(cls, tokenizer, max_length=None):
@@ -306,23 +306,20 @@ class WholeCharacters(LogitsProcessor):
             token_bytes.append(bytes(symbols[symbol] for symbol in token) if known else None)
         return cls(token_bytes, max_length)
 
-    def pending(self, ids):
-        """Bytes the last character of the token sequence ``ids`` still needs (0: it ends between characters)."""
+    def state(self, ids):
+        """Where the bytes of the token sequence ``ids`` leave the stream (an index into `STATES`). The last 4
+        tokens decide (each holds at least a byte, and an unfinished character has at most 3): their bytes are
+        read from the first that does not continue an earlier character."""
         data = b"".join(self.token_bytes[i] or b"" for i in ids[-4:] if i < len(self.token_bytes))
-        trailing = 0
-        while trailing < min(3, len(data)) and 0x80 <= data[-1 - trailing] < 0xC0:
-            trailing += 1
-        if trailing == len(data):
-            return 0
-        need = _LEADS.get(data[-1 - trailing], 0)
-        return need - trailing if need > trailing else 0
+        start = next((k for k, byte in enumerate(data) if not 0x80 <= byte < 0xC0), len(data))
+        return self._index[utf8_shape(data[start:]) or STATES[0]]
 
     def __call__(self, input_ids, scores):
         last = self.max_length is not None and input_ids.shape[1] + 1 >= self.max_length
         masks = self.finishing if last else self.allowed
         width = min(scores.shape[1], masks.shape[1])
         for row, ids in enumerate(input_ids.tolist()):
-            banned = ~masks[self.pending(ids), :width].to(scores.device)
+            banned = ~masks[self.state(ids), :width].to(scores.device)
             scores[row, :width] = scores[row, :width].masked_fill(banned, float("-inf"))
         return scores
 
@@ -338,4 +335,5 @@ __all__ = [
     "train_bpe_tokenizer",
     "train_character_tokenizer",
     "utf8_shape",
+    "STATES",
 ]

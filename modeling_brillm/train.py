@@ -42,6 +42,7 @@ from .data import sample_tensors
 from .evaluation import character_lengths, evaluate_nll, summarize_nll
 from .ngram import ORDERS as NGRAM_ORDERS
 from .ngram import KneserNeyLM
+from .tokenization_brillm import WholeCharacters
 from .hub_brillm import describe_tokenizer, write_model_card
 from .output_folders import (
     FolderLock,
@@ -905,8 +906,11 @@ def _final_report(run):
         )
     if settings.sample_prompt:
         ids = tokenizer(settings.sample_prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        length = ids.shape[1] + settings.sample_tokens
+        whole = WholeCharacters.for_tokenizer(tokenizer, max_length=length)  # byte-level BPE: no broken character
         torch.manual_seed(settings.seed)
-        out = model.generate(ids, max_new_tokens=settings.sample_tokens, do_sample=True, top_p=0.9)
+        out = model.generate(ids, max_length=length, do_sample=True, top_p=0.9,
+                             logits_processor=[whole] if whole else None)  # fmt: skip
         print("Generated: " + tokenizer.decode(out[0], skip_special_tokens=True).replace("\n", " "))
     record = {**metrics, **({f"kneser_ney_{settings.baseline_order}gram": baseline} if baseline else {})}
     (output_dir / "eval_results.json").write_text(json.dumps(record, indent=1))
