@@ -103,3 +103,44 @@ def test_training_runs_rebuild_the_token_stream(tmp_path):
     runs = quality.training_runs(sample_tensors(samples["train"]))
     documents = source.read_text().split("<|endoftext|>\n")
     assert runs == [tokenizer(document, add_special_tokens=False)["input_ids"] for document in documents]
+
+
+def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path):
+    """Runs of `epochs` are evaluated at every epoch end and stop once the development samples (set aside from
+    training) improve by less than min_improvement, from min_epochs on; GPT-2 follows the same rule."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [f"the {w} sat on the {v} mat and the {v} cat ran.\n" for w in ("cat", "dog", "owl") for v in ("red", "big")]
+    (corpus / "train.txt").write_text("".join(lines) * 12)
+    (corpus / "valid.txt").write_text("".join(lines[::2]) * 2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: epochs\noutput_dir: {tmp_path / 'out'}\ncorpus: {corpus}\nvalidation: {{valid: prepared}}\n"
+        "tokenizer: char\nseq_len: 16\neval_samples: 0\ndev_samples: 6\ncurve_points: 2\n"
+        "convergence: {min_epochs: 2, min_improvement: 0.05}\n"
+        "brillm_defaults: {hidden_size: 4, learning_rate: 0.05, batch_size: 4, lr_scheduler_type: cosine, warmup_steps: 2}\n"
+        "brillm:\n  - {name: b, reference: true, curve: true, epochs: 8, converge: true}\n"
+        "gpt2: {n_embd: 16, n_layer: 1, n_head: 1, learning_rate: 0.01, warmup_steps: 2, max_seconds: 0.1, epochs: 3, "
+        "converge: true}\n"
+    )
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), "--config", str(recipe),
+                             "--skip-kenlm"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    epochs_run = {}
+    for name, max_epochs in (("b", 8), ("gpt2 (to convergence)", 3)):
+        row = rows[name]
+        epochs = [point["epoch"] for point in row["curve"] if "epoch" in point]
+        bits, converged = row["development"]["bits_per_char"], row["development"]["converged_at"]
+        assert epochs == list(range(1, len(epochs) + 1)) and len(bits) == len(epochs)
+        if converged is None:
+            assert len(epochs) == max_epochs and all(a - b >= 0.05 for a, b in zip(bits[1:-1], bits[2:]))
+        else:
+            assert converged == len(epochs) >= 2 and bits[-2] - bits[-1] < 0.05
+        epochs_run[name] = len(epochs)
+    from datasets import load_from_disk
+
+    total = len(load_from_disk(str(tmp_path / "out" / "prepared" / "dataset"))["train"])
+    seen = json.loads((tmp_path / "out" / "runs" / "b.json").read_text())["seen"]
+    assert len(seen) == (total - 6) // 4 * 4 * epochs_run["b"]  # whole epochs of the training samples left
+    assert len(set(seen)) <= total - 6  # the 6 development samples are not trained on
