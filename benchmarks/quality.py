@@ -836,37 +836,27 @@ def _row(record):
 
 
 def _gpt2_rows(record):
-    s, trained = record["settings"], record["trained"]
+    s = record["settings"]
     description = (f"GPT-2 {s['n_layer']} layers, d={s['n_embd']}, {s['n_head']} heads, lr {s['learning_rate']} "
                    f"(warmup {s['warmup_steps']} steps), batch {s['batch_size']}")  # fmt: skip
-    rows = []
-    equal = record["equal_tokens"]
+
+    def row(name, tokens, seconds, metrics, **extra):
+        return {"name": name, "kind": "gpt2", "groups": ["main"], "description": description, "train_tokens": tokens,
+                "seconds": seconds, "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+                "parameters": record["parameters"], "active_parameters": record["parameters"], "metrics": metrics,
+                "curve": None, **extra}  # fmt: skip
+
+    rows, equal, trained = [], record["equal_tokens"], record["trained"]
     if equal is not None:
-        rows.append({
-            "name": "gpt2 (equal tokens)", "kind": "gpt2", "groups": ["main"], "description": description,
-            "train_tokens": equal["tokens"], "seconds": equal["seconds"],
-            "tokens_per_second": round(equal["tokens"] / max(equal["seconds"], 1e-9), 1),
-            "parameters": record["parameters"], "active_parameters": record["parameters"],
-            "metrics": equal["metrics"], "curve": None,
-        })  # fmt: skip
-    rows.append({
-        "name": "gpt2 (equal wall-clock)", "kind": "gpt2", "groups": ["main"], "description": description,
-        "train_tokens": trained["tokens"], "seconds": trained["seconds"],
-        "tokens_per_second": round(trained["tokens"] / max(trained["seconds"], 1e-9), 1),
-        "parameters": record["parameters"], "active_parameters": record["parameters"],
-        "metrics": record["metrics"], "curve": trained["curve"], "load_average": trained["load_average"],
-    })  # fmt: skip
+        rows.append(row("gpt2 (equal tokens)", equal["tokens"], equal["seconds"], equal["metrics"]))
+    rows.append(row("gpt2 (equal wall-clock)", trained["tokens"], trained["seconds"], record["metrics"],
+                    curve=trained["curve"], load_average=trained["load_average"]))  # fmt: skip
     converged = record.get("converged")
     if converged is not None:
         trained = converged["trained"]
-        rows.append({
-            "name": "gpt2 (to convergence)", "kind": "gpt2", "groups": ["main"], "description": description,
-            "train_tokens": trained["tokens"], "seconds": trained["seconds"],
-            "tokens_per_second": round(trained["tokens"] / max(trained["seconds"], 1e-9), 1),
-            "parameters": record["parameters"], "active_parameters": record["parameters"],
-            "metrics": converged["metrics"], "curve": trained["curve"], "load_average": trained["load_average"],
-            "development": converged["dev_curve"],
-        })  # fmt: skip
+        rows.append(row("gpt2 (to convergence)", trained["tokens"], trained["seconds"], converged["metrics"],
+                        curve=trained["curve"], load_average=trained["load_average"],
+                        development=converged["dev_curve"]))  # fmt: skip
     return rows
 
 

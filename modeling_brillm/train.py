@@ -347,9 +347,9 @@ def _checkpoints(output_dir):
 def claim_output_dir(output_dir, resume=False, overwrite=False):
     """Lock ``output_dir`` for this run and make it ready; returns the held `FolderLock`.
 
-    Removes the temporaries of a killed run (``.tmp-*``, partial checkpoints), and refuses (`OutputFolderError`) to start afresh over
-    an earlier run (checkpoints or a final model) unless ``resume`` or ``overwrite``; ``overwrite`` deletes the
-    earlier checkpoints, so that a later ``--resume`` cannot continue the old run.
+    Removes the temporaries of a killed run (``.tmp-*``, partial checkpoints), and refuses (`OutputFolderError`)
+    to start afresh over an earlier run (checkpoints or a final model) unless ``resume`` or ``overwrite``;
+    ``overwrite`` deletes the earlier checkpoints, so that a later ``--resume`` cannot continue the old run.
     """
     output_dir = Path(output_dir)
     lock = FolderLock(output_dir).acquire()
@@ -656,8 +656,9 @@ def train_step(model, loss_fn, input_ids, attention_mask, optimizer, scheduler, 
     (``backward(loss)``, e.g. Accelerate's; by default ``loss.backward()``), ``before_update()`` (e.g. exchange and
     clip the gradients), then the optimizer and scheduler steps and ``zero_grad``. Returns the loss, detached: a
     step's graph is freed when the step ends (scoring's `GradientLink` takes its fast path only while no other
-    graph of the same weights is alive). A NaN or infinite loss raises `TrainingDiverged` before any update. Under Accelerate's gradient accumulation
-    its optimizer, scheduler and ``zero_grad`` skip the batches that only accumulate.
+    graph of the same weights is alive). A NaN or infinite loss raises `TrainingDiverged` before any update.
+    Under Accelerate's gradient accumulation its optimizer, scheduler and ``zero_grad`` skip the batches that
+    only accumulate.
     """
     loss = loss_fn(model, input_ids, attention_mask)
     if not torch.isfinite(loss):
@@ -978,7 +979,7 @@ def build_parser(parser=None):
     parser = parser or argparse.ArgumentParser(prog="brillm train", description="pre-train a BriLLM model")
     parser.add_argument("--config", required=True, help="a recipe YAML, e.g. configuration/train/tiny-en.yaml")
     parser.add_argument("--output-dir", help="overrides the recipe's output_dir")
-    parser.add_argument("--max-steps", type=int, help="overrides train.max_steps")
+    parser.add_argument("--max-steps", type=int, help="overrides the length of the recipe (train.max_steps or num_epochs)")
     parser.add_argument("--save-steps", type=int, help="overrides train.save_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     parser.add_argument(
@@ -993,8 +994,8 @@ def run(args):
     recipe = Recipe.from_yaml(args.config)
     if args.output_dir:
         recipe.output_dir = args.output_dir
-    if args.max_steps is not None:
-        recipe.train.max_steps = args.max_steps
+    if args.max_steps is not None:  # instead of the recipe's length, whether max_steps or num_epochs
+        recipe.train.max_steps, recipe.train.num_epochs = args.max_steps, None
     if args.save_steps is not None:
         recipe.train.save_steps = args.save_steps
     if args.fsdp:
