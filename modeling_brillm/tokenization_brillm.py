@@ -255,7 +255,6 @@ class WholeCharacters(LogitsProcessor):
     Example:
 
     ```python
-    >>> from transformers import LogitsProcessorList
     >>> tok = train_bpe_tokenizer(["café crème brûlée\\n"] * 40, vocab_size=262)
     >>> keep = WholeCharacters.for_tokenizer(tok, max_length=8)
     >>> lead = tok.convert_tokens_to_ids("Ã")  # the byte 0xC3 alone: the first half of é
@@ -284,13 +283,20 @@ class WholeCharacters(LogitsProcessor):
                 after = utf8_shape(data, state) if data else None
                 if after is not None:
                     allowed[s, token], then[s, token] = True, index[after]
-        finishable = torch.zeros(len(STATES), dtype=torch.bool)
-        finishable[0] = True
-        for _ in STATES:  # a state is finishable if some allowed token leads to a finishable one
-            finishable = finishable | (allowed & finishable[then]).any(1)
-        self.allowed = allowed & finishable[then]
-        self.finishing = self.allowed & (then == 0)  # allowed as the last token
+        # steps[s]: the fewest tokens that take a stream standing at STATES[s] back between characters.
+        steps = torch.full((len(STATES),), len(STATES) + 1)
+        steps[0] = 0
+        for _ in STATES:
+            reachable = torch.where(allowed, steps[then] + 1, len(STATES) + 1)
+            steps = torch.minimum(steps, reachable.min(1).values)
+        self.allowed, self.then, self.steps = allowed, then, steps
         self._index = index
+
+    def mask(self, state, remaining=None):
+        """(V,) bool: the tokens allowed at ``STATES[state]`` with ``remaining`` tokens still to generate, this one
+        included (`None`: no limit): each must leave a state that the tokens after it can still finish."""
+        limit = len(STATES) if remaining is None else remaining - 1
+        return self.allowed[state] & (self.steps[self.then[state]] <= limit)
 
     @classmethod
     def for_tokenizer(cls, tokenizer, max_length=None):
@@ -315,12 +321,12 @@ class WholeCharacters(LogitsProcessor):
         return self._index[utf8_shape(data[start:]) or STATES[0]]
 
     def __call__(self, input_ids, scores):
-        last = self.max_length is not None and input_ids.shape[1] + 1 >= self.max_length
-        masks = self.finishing if last else self.allowed
-        width = min(scores.shape[1], masks.shape[1])
+        remaining = None if self.max_length is None else self.max_length - input_ids.shape[1]
+        width = min(scores.shape[1], self.allowed.shape[1])
         for row, ids in enumerate(input_ids.tolist()):
-            banned = ~masks[self.state(ids), :width].to(scores.device)
-            scores[row, :width] = scores[row, :width].masked_fill(banned, float("-inf"))
+            allowed = self.mask(self.state(ids), remaining)[:width]
+            if allowed.any():  # (a prompt that ends where nothing can finish its character is left alone)
+                scores[row, :width] = scores[row, :width].masked_fill(~allowed.to(scores.device), float("-inf"))
         return scores
 
 
