@@ -359,12 +359,11 @@ def training_limits(run, recipe, num_samples, dev):
     by epochs (``epochs``, with the convergence rule when ``converge``)."""
     if run["epochs"]:
         num_steps = run["epochs"] * (num_samples // run["batch_size"])
+        if dev is None:  # no development set (so no convergence rule): just the epochs
+            return (lambda tokens, seconds: False), num_steps, (lambda done, model: done >= run["epochs"]), None
+        min_improvement = recipe["convergence"]["min_improvement"] if run["converge"] else -math.inf
         check, history = convergence_check(dev, recipe["eval_batch_size"], recipe["convergence"]["min_epochs"],
-                                           recipe["convergence"]["min_improvement"] if run["converge"] else -math.inf,
-                                           run["epochs"]) if dev is not None else (None, None)  # fmt: skip
-        if check is None:
-            def check(epochs_done, model):
-                return epochs_done >= run["epochs"]
+                                           min_improvement, run["epochs"])  # fmt: skip
         return (lambda tokens, seconds: False), num_steps, check, history
     limit_tokens, limit_seconds = run["train_tokens"], run["max_seconds"]
     num_steps = math.ceil(limit_tokens / (run["batch_size"] * recipe["seq_len"]))
