@@ -695,9 +695,9 @@ def brillm_runs(recipe, args, runs_dir, train_set, dev, valid, primary, graph_co
     for run in recipe["brillm"]:
         key = _run_key(recipe, run)
         cached = runs_dir / f"{run['name']}.json"
-        if cached.is_file() and (args.only is None or run["name"] not in args.only):
-            record = json.loads(cached.read_text())
-            if record.get("key") == key:
+        if args.only is None or run["name"] not in args.only:
+            record = cached_record(cached, key)
+            if record is not None:
                 say(f"{run['name']}: reusing {cached}")
                 records[run["name"]] = record
                 continue
@@ -749,8 +749,8 @@ def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, vali
     ref_tokens = ref_record["train_tokens"]
     key = _run_key(recipe, {**settings, "budget": budget, "ref_tokens": ref_tokens})
     cached = runs_dir / "gpt2.json"
-    record = json.loads(cached.read_text()) if cached.is_file() else None
-    if record is None or record.get("key") != key or (args.only is not None and "gpt2" in args.only):
+    record = cached_record(cached, key)
+    if record is None or (args.only is not None and "gpt2" in args.only):
         model = gpt2_model(settings, vocab_size, recipe["seq_len"], recipe["seed"])
         say(f"gpt2: {model.num_parameters():,} parameters; equal tokens {ref_tokens}, equal wall-clock {budget:.0f} s")
         # The reference's evaluation points (the same batches give the same token counts), then doublings.
@@ -780,8 +780,9 @@ def gpt2_to_convergence(recipe, runs_dir, settings, train_set, dev, valid, prima
     """A fresh GPT-2 trained by the recipe's convergence rule (or its cached record)."""
     key = _run_key(recipe, {**settings, "to": "convergence"})
     cached = runs_dir / "gpt2-converged.json"
-    if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
-        return json.loads(cached.read_text())
+    record = cached_record(cached, key)
+    if record is not None:
+        return record
     model = gpt2_model(settings, vocab_size, recipe["seq_len"], recipe["seed"])
     stop, num_steps, epoch_check, dev_history = training_limits(settings, recipe, len(train_set["input_ids"]), dev)
     trained = run_training("gpt2-converged", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid,
@@ -811,6 +812,14 @@ def warm_up(train_set, graph_counts, tokenizer, vocab_size, seq_len, steps=4):
             rows = slice(step * 16, (step + 1) * 16)
             train_step(model, loss_fn, train_set["input_ids"][rows], train_set["attention_mask"][rows], optimizer, scheduler)
     say(f"warm-up (untimed): {time.perf_counter() - started:.1f} s")
+
+
+def cached_record(path, key):
+    """The finished run's record saved at ``path`` if it was made with the settings ``key``, else `None`."""
+    if not Path(path).is_file():
+        return None
+    record = json.loads(Path(path).read_text())
+    return record if record.get("key") == key else None
 
 
 def _run_key(recipe, run):
