@@ -96,7 +96,7 @@ GPT2_KEYS = {
     "warmup_steps": 50,
     "batch_size": None,  # default: the reference BriLLM run's (so both see the same batches)
     "max_seconds": None,  # default: the reference BriLLM run's training wall-clock ("equal wall-clock")
-    "epochs": None,  # with converge: a third GPT-2 run, "to convergence", of at most this many epochs
+    "epochs": None,  # with converge: GPT-2 also trains by the convergence rule, at most this many epochs
     "converge": False,
 }
 RECIPE_KEYS = {
@@ -277,13 +277,14 @@ def evaluate_all(model, valid, batch_size):
 
 
 def run_training(name, model, loss_fn, train_set, settings, valid, milestones, eval_batch_size, primary, stop,
-                 num_steps=None, full_eval_at=(), epoch_check=None):  # fmt: skip
+                 num_steps=None, full_eval_at=(), epoch_check=None, time_mark=None):  # fmt: skip
     """Train ``model`` with `brillm train`'s step (`train_step`: AdamW, the run's learning-rate schedule over
-    ``num_steps`` optimizer steps) in its data order (`batch_stream`) until ``stop(tokens, seconds)`` or, at an
-    epoch end, ``epoch_check(epochs_done, model)`` (`convergence_check`); evaluate on the primary validation set
-    when the tokens pass one of ``milestones``, at the end of every epoch and at the end (on every set at the marks
-    in ``full_eval_at``), with the clock paused. Returns the curve, the tokens, the training seconds and the indices
-    of the samples seen."""
+    ``num_steps`` optimizer steps) in its data order (`batch_stream`) until, at an epoch end,
+    ``epoch_check(epochs_done, model)`` (`convergence_check`) or ``stop(tokens, seconds)`` says so (the epoch check
+    first); evaluate on the primary validation set when the tokens pass one of ``milestones``, at the end of every
+    epoch and at the end, on every set at the marks in ``full_eval_at`` and when the training seconds first pass
+    ``time_mark``, with the clock paused. Returns the curve, the tokens, the training seconds, the indices of the
+    samples seen, and the full evaluations by token mark (``at_tokens``) and at the time mark (``at_time``)."""
     from modeling_brillm.train import (LENGTH_FREE_SCHEDULES, TrainRecipe, batch_stream, build_optimizer,
                                        build_scheduler, check_schedule, train_step)  # fmt: skip
 
@@ -296,7 +297,7 @@ def run_training(name, model, loss_fn, train_set, settings, valid, milestones, e
     scheduler = build_scheduler(optimizer, recipe, num_steps or 1)
     ids, mask = train_set["input_ids"], train_set["attention_mask"]
     milestones = sorted(set(milestones) | set(full_eval_at))
-    curve, seen, at_tokens = [], [], {}
+    curve, seen, at_tokens, at_time = [], [], {}, None
     tokens = steps = 0
     seconds, last_log = 0.0, time.perf_counter()
     load_before = os.getloadavg()[0]
@@ -312,11 +313,12 @@ def run_training(name, model, loss_fn, train_set, settings, valid, milestones, e
             say(f"{name}: step {steps}, {tokens} tokens, {seconds:.0f} s, loss {loss.item():.3f}, "
                 f"{tokens / seconds:.0f} tokens/s")  # fmt: skip
             last_log = time.perf_counter()
-        done = stop(tokens, seconds) or (ends_epoch and epoch_check is not None and epoch_check(epoch + 1, model))
+        done = (ends_epoch and epoch_check is not None and epoch_check(epoch + 1, model)) or stop(tokens, seconds)
         passed = [mark for mark in milestones if mark <= tokens]
         milestones = [mark for mark in milestones if mark > tokens]
-        if passed or done or ends_epoch:
-            full = any(mark in full_eval_at for mark in passed)
+        timed = time_mark is not None and at_time is None and seconds >= time_mark
+        if passed or done or ends_epoch or timed:
+            full = timed or any(mark in full_eval_at for mark in passed)
             metrics = evaluate_all(model, valid, eval_batch_size) if full else {primary: evaluate(model, valid[primary], eval_batch_size)}
             model.train()
             point = {"tokens": tokens, "seconds": round(seconds, 2), "steps": steps, "metrics": metrics[primary]}
@@ -324,6 +326,8 @@ def run_training(name, model, loss_fn, train_set, settings, valid, milestones, e
             for mark in passed:
                 if mark in full_eval_at:
                     at_tokens[mark] = {"tokens": tokens, "seconds": round(seconds, 2), "metrics": metrics}
+            if timed:
+                at_time = {"tokens": tokens, "seconds": round(seconds, 2), "metrics": metrics}
             say(f"{name}: {tokens} tokens, {seconds:.1f} s{f', epoch {epoch + 1}' if ends_epoch else ''}: "
                 f"{primary} bits/char {metrics[primary]['bits_per_char']}")  # fmt: skip
         if done:
@@ -331,7 +335,7 @@ def run_training(name, model, loss_fn, train_set, settings, valid, milestones, e
     # The 1-minute load average before and after: other processes on the machine slow the run down.
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return {"curve": curve, "tokens": tokens, "steps": steps, "seconds": round(seconds, 2), "seen": seen,
-            "at_tokens": at_tokens, "final_loss": loss.item(), "load_average": load}  # fmt: skip
+            "at_tokens": at_tokens, "at_time": at_time, "final_loss": loss.item(), "load_average": load}  # fmt: skip
 
 
 def convergence_check(dev, eval_batch_size, min_epochs, min_improvement, max_epochs):
@@ -742,55 +746,48 @@ def brillm_runs(recipe, args, runs_dir, train_set, dev, valid, primary, graph_co
 
 
 def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, valid, primary, vocab_size):
-    """GPT-2 on the reference BriLLM run's batches: equal tokens, then on to equal wall-clock (or the cached record)."""
+    """GPT-2 on the reference BriLLM run's batches, in one run (or its cached record): evaluated after the
+    reference's tokens, after its training wall-clock and, with ``converge``, where the convergence rule stops it;
+    it trains until all of them are passed."""
     settings = {**recipe["gpt2"]}
     settings["batch_size"] = settings["batch_size"] or reference["batch_size"]
     budget = settings["max_seconds"] or ref_record["seconds"]
     ref_tokens = ref_record["train_tokens"]
-    key = _run_key(recipe, {**settings, "budget": budget, "ref_tokens": ref_tokens})
+    key = _run_key(recipe, {**settings, "budget": budget, "ref_tokens": ref_tokens, "runs": "one"})
     cached = runs_dir / "gpt2.json"
     record = cached_record(cached, key)
-    if record is None or (args.only is not None and "gpt2" in args.only):
-        model = gpt2_model(settings, vocab_size, recipe["seq_len"], recipe["seed"])
-        say(f"gpt2: {model.num_parameters():,} parameters; equal tokens {ref_tokens}, equal wall-clock {budget:.0f} s")
-        # The reference's evaluation points (the same batches give the same token counts), then doublings.
-        marks = [point["tokens"] for point in ref_record["curve"]] + [ref_tokens * 2**k for k in range(1, 16)]
-        # Stop once both the reference's tokens and its wall-clock are reached; the equal-tokens point is the
-        # model after exactly the reference's batches (constant lr after warmup: the same as a run that stops).
-        trained = run_training("gpt2", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid,
-                               marks, recipe["eval_batch_size"], primary,
-                               stop=lambda tokens, seconds: tokens >= ref_tokens and seconds >= budget,
-                               full_eval_at=[ref_tokens])  # fmt: skip
-        started = time.perf_counter()
-        metrics = {primary: trained["curve"][-1]["metrics"]}
-        metrics.update({name: evaluate(model, samples, recipe["eval_batch_size"]) for name, samples in valid.items()
-                        if name != primary})  # fmt: skip
-        trained.pop("seen")
-        record = {"key": key, "settings": settings, "budget": budget, "parameters": model.num_parameters(),
-                  "trained": trained, "equal_tokens": trained["at_tokens"].get(ref_tokens), "metrics": metrics,
-                  "eval_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-        cached.write_text(json.dumps(record))
-        del model
-    if settings["converge"]:
-        record["converged"] = gpt2_to_convergence(recipe, runs_dir, settings, train_set, dev, valid, primary, vocab_size)
-    return record
-
-
-def gpt2_to_convergence(recipe, runs_dir, settings, train_set, dev, valid, primary, vocab_size):
-    """A fresh GPT-2 trained by the recipe's convergence rule (or its cached record)."""
-    key = _run_key(recipe, {**settings, "to": "convergence"})
-    cached = runs_dir / "gpt2-converged.json"
-    record = cached_record(cached, key)
-    if record is not None:
+    if record is not None and not (args.only is not None and "gpt2" in args.only):
         return record
     model = gpt2_model(settings, vocab_size, recipe["seq_len"], recipe["seed"])
-    stop, num_steps, epoch_check, dev_history = training_limits(settings, recipe, len(train_set["input_ids"]), dev)
-    trained = run_training("gpt2-converged", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid,
-                           [], recipe["eval_batch_size"], primary, stop=stop, num_steps=num_steps,
-                           epoch_check=epoch_check)  # fmt: skip
+    say(f"gpt2: {model.num_parameters():,} parameters; equal tokens {ref_tokens}, equal wall-clock {budget:.0f} s"
+        f"{', then to convergence' if settings['converge'] else ''}")  # fmt: skip
+    # The reference's evaluation points (the same batches give the same token counts), then doublings.
+    marks = [point["tokens"] for point in ref_record["curve"]] + [ref_tokens * 2**k for k in range(1, 16)]
+    # Under a constant learning rate after warm-up the model after N steps of a longer run is the model of a run
+    # that stops at N, so one run serves every comparison. run_training refuses a schedule that needs a length.
+    converged, epoch_check, history = {}, None, None
+    if settings["converge"]:
+        _, _, check, history = training_limits(settings, recipe, len(train_set["input_ids"]), dev)
+
+        def epoch_check(epochs_done, model):
+            if not converged and check(epochs_done, model):
+                converged.update(epoch=epochs_done, metrics=evaluate_all(model, valid, recipe["eval_batch_size"]))
+            return False  # the stop below ends the run
+
+    def stop(tokens, seconds):
+        return tokens >= ref_tokens and seconds >= budget and (bool(converged) or not settings["converge"])
+
+    trained = run_training("gpt2", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid, marks,
+                           recipe["eval_batch_size"], primary, stop=stop, full_eval_at=[ref_tokens],
+                           epoch_check=epoch_check, time_mark=budget)  # fmt: skip
     trained.pop("seen")
-    metrics = evaluate_all(model, valid, recipe["eval_batch_size"])
-    record = {"key": key, "trained": trained, "metrics": metrics, "dev_curve": dev_history}
+    record = {"key": key, "settings": settings, "budget": budget, "parameters": model.num_parameters(),
+              "trained": trained, "equal_tokens": trained["at_tokens"].get(ref_tokens),
+              "equal_time": trained["at_time"], "converged": None}  # fmt: skip
+    if converged:
+        point = next(p for p in trained["curve"] if p.get("epoch") == converged["epoch"])
+        record["converged"] = {"tokens": point["tokens"], "seconds": point["seconds"], "epochs": converged["epoch"],
+                               "metrics": converged["metrics"], "dev_curve": history}  # fmt: skip
     cached.write_text(json.dumps(record))
     return record
 
@@ -854,17 +851,18 @@ def _gpt2_rows(record):
                 "parameters": record["parameters"], "active_parameters": record["parameters"], "metrics": metrics,
                 "curve": None, **extra}  # fmt: skip
 
-    rows, equal, trained = [], record["equal_tokens"], record["trained"]
-    if equal is not None:
+    rows, trained, converged = [], record["trained"], record["converged"]
+    if record["equal_tokens"] is not None:
+        equal = record["equal_tokens"]
         rows.append(row("gpt2 (equal tokens)", equal["tokens"], equal["seconds"], equal["metrics"]))
-    rows.append(row("gpt2 (equal wall-clock)", trained["tokens"], trained["seconds"], record["metrics"],
-                    curve=trained["curve"], load_average=trained["load_average"]))  # fmt: skip
-    converged = record.get("converged")
+    timed = record["equal_time"]
+    # The run's curve goes to its last row: the one that stopped it.
+    rows.append(row("gpt2 (equal wall-clock)", timed["tokens"], timed["seconds"], timed["metrics"],
+                    **({} if converged else {"curve": trained["curve"], "load_average": trained["load_average"]})))
     if converged is not None:
-        trained = converged["trained"]
-        rows.append(row("gpt2 (to convergence)", trained["tokens"], trained["seconds"], converged["metrics"],
+        rows.append(row("gpt2 (to convergence)", converged["tokens"], converged["seconds"], converged["metrics"],
                         curve=trained["curve"], load_average=trained["load_average"],
-                        development=converged["dev_curve"]))  # fmt: skip
+                        development=converged["dev_curve"], epochs=converged["epochs"]))  # fmt: skip
     return rows
 
 
