@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --config configuration/quality/quick.yaml   # bundled corpus, ~30 s (CI smoke test)
     python benchmarks/quality.py --config configuration/quality/full.yaml    # prepared English corpus, ~1 h
+    python benchmarks/quality.py --config configuration/quality/zh.yaml      # People's Daily to convergence, ~3 h
     python benchmarks/quality.py --install-kenlm                             # only build KenLM (apt + cmake, ~2 min)
 
 One recipe (``configuration/quality/*.yaml``) names a corpus folder (``train.txt`` + ``valid.txt``, as
@@ -15,10 +16,12 @@ One recipe (``configuration/quality/*.yaml``) names a corpus folder (``train.txt
    ``exp(sum nll / scored tokens)`` and bits/char is ``sum nll / ln 2 / characters of the scored tokens`` (the
    dataset's ``num_chars``, the same denominator for every model);
 3. trains every BriLLM run (the graph counted on the training samples with the run's ``min_edge_count``,
-   reference init, AdamW with a constant learning rate, ``brillm train``'s data order and objectives; the
-   wall-clock excludes evaluation), a GPT-2 (``transformers.GPT2Config``) on the same batches for the same
-   number of tokens and on for the same wall-clock as the reference BriLLM run, and KenLM modified Kneser-Ney
-   models (``lmplz``) of the orders asked for;
+   reference init, AdamW with the run's learning-rate schedule, ``brillm train``'s data order and objectives,
+   for a number of tokens or of epochs, optionally stopped by the convergence rule on a development set set
+   aside from the training samples; the wall-clock excludes evaluation), one GPT-2 run
+   (``transformers.GPT2Config``) on the same batches, evaluated after as many tokens and as much wall-clock as
+   the reference BriLLM run (and where the convergence rule stops it), and KenLM modified Kneser-Ney models
+   (``lmplz``) of the orders asked for;
 4. writes ``results.json``, ``results.md`` (the tables) and ``quality.png`` (validation bits/char against
    training tokens; n-gram levels as horizontal lines) into the output folder.
 
@@ -747,8 +750,9 @@ def brillm_runs(recipe, args, runs_dir, train_set, dev, valid, primary, graph_co
 
 def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, valid, primary, vocab_size):
     """GPT-2 on the reference BriLLM run's batches, in one run (or its cached record): evaluated after the
-    reference's tokens, after its training wall-clock and, with ``converge``, where the convergence rule stops it;
-    it trains until all of them are passed."""
+    reference's tokens, after its training wall-clock and, with ``converge``, where the convergence rule stops it.
+    It trains past the reference's tokens and until the rule stops it, or (without ``converge``) until the
+    reference's wall-clock: a GPT-2 that converged sooner has no equal-wall-clock point, its converged one is it."""
     settings = {**recipe["gpt2"]}
     settings["batch_size"] = settings["batch_size"] or reference["batch_size"]
     budget = settings["max_seconds"] or ref_record["seconds"]
@@ -775,7 +779,7 @@ def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, vali
             return False  # the stop below ends the run
 
     def stop(tokens, seconds):
-        return tokens >= ref_tokens and seconds >= budget and (bool(converged) or not settings["converge"])
+        return tokens >= ref_tokens and (bool(converged) if settings["converge"] else seconds >= budget)
 
     trained = run_training("gpt2", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid, marks,
                            recipe["eval_batch_size"], primary, stop=stop, full_eval_at=[ref_tokens],
@@ -856,11 +860,12 @@ def _gpt2_rows(record):
         equal = record["equal_tokens"]
         rows.append(row("gpt2 (equal tokens)", equal["tokens"], equal["seconds"], equal["metrics"]))
     timed = record["equal_time"]
-    # The run's curve goes to its last row: the one that stopped it.
-    rows.append(row("gpt2 (equal wall-clock)", timed["tokens"], timed["seconds"], timed["metrics"],
-                    **({} if converged else {"curve": trained["curve"], "load_average": trained["load_average"]})))
+    if timed is not None:  # the run's curve goes to the row that ended it
+        rows.append(row("gpt2 (equal wall-clock)", timed["tokens"], timed["seconds"], timed["metrics"],
+                        **({} if converged else {"curve": trained["curve"], "load_average": trained["load_average"]})))
     if converged is not None:
-        rows.append(row("gpt2 (to convergence)", converged["tokens"], converged["seconds"], converged["metrics"],
+        name = "gpt2 (to convergence)" if timed is not None else "gpt2 (to convergence, within the equal wall-clock)"
+        rows.append(row(name, converged["tokens"], converged["seconds"], converged["metrics"],
                         curve=trained["curve"], load_average=trained["load_average"],
                         development=converged["dev_curve"], epochs=converged["epochs"]))  # fmt: skip
     return rows
