@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --config configuration/quality/quick.yaml   # bundled corpus, ~30 s (CI smoke test)
     python benchmarks/quality.py --config configuration/quality/full.yaml    # prepared English corpus, ~1 h
-    python benchmarks/quality.py --config configuration/quality/zh.yaml      # People's Daily to convergence, ~3 h
+    python benchmarks/quality.py --config configuration/quality/zh.yaml      # People's Daily to convergence, ~3 h (BriLLM 2 h)
     python benchmarks/quality.py --install-kenlm                             # only build KenLM (apt + cmake, ~2 min)
 
 One recipe (``configuration/quality/*.yaml``) names a corpus folder (``train.txt`` + ``valid.txt``, as
@@ -602,6 +602,7 @@ def main(argv=None):
     parser.add_argument("--install-kenlm", action="store_true", help="only make sure KenLM is built, then exit")
     parser.add_argument("--no-install-kenlm", action="store_true", help="use a cached KenLM build or skip the n-grams")
     parser.add_argument("--skip-kenlm", action="store_true")
+    parser.add_argument("--skip-gpt2", action="store_true", help="no GPT-2 run (nor its cached record)")
     parser.add_argument("--only", nargs="+", help="run names to (re)train, brillm runs or gpt2 (others: earlier results)")
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md and quality.png from results.json")
     args = parser.parse_args(argv)
@@ -671,7 +672,9 @@ def study(recipe, output_dir, args):
     results["rows"].extend(_row(record) for record in records.values())
     reference = next(run for run in recipe["brillm"] if run["reference"])
     ref_record = records.get(reference["name"])
-    if ref_record is not None:  # GPT-2: same batches, same tokens, then on to the same wall-clock
+    if args.skip_gpt2:
+        results["gpt2_skipped"] = "--skip-gpt2"
+    elif ref_record is not None:  # GPT-2: same batches, same tokens, then on to the same wall-clock
         record = gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, valid, primary, vocab_size)
         results["rows"].extend(_gpt2_rows(record))
 
@@ -949,8 +952,9 @@ def results_markdown(results):
     lines.append(f"Scored on evenly spaced validation samples of {results['recipe']['seq_len']} tokens ({validation}); "
                  f"V = {results['vocab_size']} ({results['recipe']['tokenizer']}); {results['train_tokens_available']:,} "
                  f"training tokens available.")  # fmt: skip
-    if results.get("kenlm_skipped"):
-        lines.append(f"KenLM skipped: {results['kenlm_skipped']}.")
+    for model in ("gpt2", "kenlm"):
+        if results.get(f"{model}_skipped"):
+            lines.append(f"{'GPT-2' if model == 'gpt2' else 'KenLM'} skipped: {results[f'{model}_skipped']}.")
     lines.append("")
     lines.append("| model | how |")
     lines.append("| --- | --- |")
