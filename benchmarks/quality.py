@@ -674,7 +674,7 @@ def study(recipe, output_dir, args):
     ref_record = records.get(reference["name"])
     if args.skip_gpt2:
         results["gpt2_skipped"] = "--skip-gpt2"
-    elif ref_record is not None:  # GPT-2: same batches, same tokens, then on to the same wall-clock
+    elif ref_record is not None:  # GPT-2 on the same batches: equal tokens, equal wall-clock, convergence
         record = gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, valid, primary, vocab_size)
         results["rows"].extend(_gpt2_rows(record))
 
