@@ -952,9 +952,9 @@ def results_markdown(results):
     lines.append(f"Scored on evenly spaced validation samples of {results['recipe']['seq_len']} tokens ({validation}); "
                  f"V = {results['vocab_size']} ({results['recipe']['tokenizer']}); {results['train_tokens_available']:,} "
                  f"training tokens available.")  # fmt: skip
-    for model in ("gpt2", "kenlm"):
-        if results.get(f"{model}_skipped"):
-            lines.append(f"{'GPT-2' if model == 'gpt2' else 'KenLM'} skipped: {results[f'{model}_skipped']}.")
+    for key, model in (("gpt2_skipped", "GPT-2"), ("kenlm_skipped", "KenLM")):
+        if results.get(key):
+            lines.append(f"{model} skipped: {results[key]}.")
     lines.append("")
     lines.append("| model | how |")
     lines.append("| --- | --- |")
