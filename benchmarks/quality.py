@@ -25,6 +25,11 @@ One recipe (``configuration/quality/*.yaml``) names a corpus folder (``train.txt
 4. writes ``results.json``, ``results.md`` (the tables) and ``quality.png`` (validation bits/char against
    training tokens; n-gram levels as horizontal lines) into the output folder.
 
+Every finished run's record is saved in the output folder's ``runs/`` and reused while its settings and texts
+match, so an interrupted study resumes. ``--records DIR`` also reads and saves them in ``DIR``: the records
+committed under ``docs/quality-runs/<recipe>/`` let a study of hours go on in a later session or on another
+machine (e.g. GPT-2 against a committed BriLLM run) and rebuild its tables without retraining.
+
 KenLM sees token ids as words ("w17 w4 ..."). It is trained on the token stream of the same training samples:
 consecutive samples of one run of text overlap by one token (see `modeling_brillm.data`), so they are chained
 back into the run and every run is one ``lmplz`` sentence (``<s> ... </s>``); an n-gram thus also counts n-grams
@@ -42,6 +47,7 @@ root). ``--no-install-kenlm`` uses a cached build only and skips the n-grams (wi
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -605,6 +611,8 @@ def main(argv=None):
     parser.add_argument("--skip-gpt2", action="store_true", help="no GPT-2 run (nor its cached record)")
     parser.add_argument("--only", nargs="+", help="run names to (re)train, brillm runs or gpt2 (others: earlier results)")
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md and quality.png from results.json")
+    parser.add_argument("--records", help="a folder of finished run records (e.g. docs/quality-runs/full) to reuse "
+                                          "when their settings match, and where new ones are saved too")  # fmt: skip
     args = parser.parse_args(argv)
     if args.install_kenlm:
         try:
@@ -663,19 +671,20 @@ def study(recipe, output_dir, args):
         "primary": primary,
         "rows": [],
     }
-    runs_dir = output_dir / "runs"
-    runs_dir.mkdir(exist_ok=True)
+    stores = [output_dir / "runs"] + ([Path(args.records)] if args.records else [])
+    for folder in stores:
+        folder.mkdir(parents=True, exist_ok=True)
 
     warm_up(train_set, graph_counts, tokenizer, vocab_size, recipe["seq_len"])
 
-    records = brillm_runs(recipe, args, runs_dir, train_set, dev, valid, primary, graph_counts, tokenizer, vocab_size)
+    records = brillm_runs(recipe, args, stores, train_set, dev, valid, primary, graph_counts, tokenizer, vocab_size)
     results["rows"].extend(_row(record) for record in records.values())
     reference = next(run for run in recipe["brillm"] if run["reference"])
     ref_record = records.get(reference["name"])
     if args.skip_gpt2:
         results["gpt2_skipped"] = "--skip-gpt2"
     elif ref_record is not None:  # GPT-2 on the same batches: equal tokens, equal wall-clock, convergence
-        record = gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, valid, primary, vocab_size)
+        record = gpt2_run(recipe, args, stores, reference, ref_record, train_set, dev, valid, primary, vocab_size)
         results["rows"].extend(_gpt2_rows(record))
 
     # ---- KenLM
@@ -693,7 +702,7 @@ def study(recipe, output_dir, args):
     return results
 
 
-def brillm_runs(recipe, args, runs_dir, train_set, dev, valid, primary, graph_counts, tokenizer, vocab_size):
+def brillm_runs(recipe, args, stores, train_set, dev, valid, primary, graph_counts, tokenizer, vocab_size):
     """Train and evaluate every BriLLM run of the recipe (or reuse its cached record): {name: record}."""
     import torch
 
@@ -703,12 +712,12 @@ def brillm_runs(recipe, args, runs_dir, train_set, dev, valid, primary, graph_co
     successors = None
     records = {}
     for run in recipe["brillm"]:
-        key = _run_key(recipe, run)
-        cached = runs_dir / f"{run['name']}.json"
+        keeps_seen = bool(run["reference"] and recipe["kenlm"].get("equal_tokens_order"))
+        key = _run_key(recipe, {**run, "keeps_seen": keeps_seen})
         if args.only is None or run["name"] not in args.only:
-            record = cached_record(cached, key)
+            record = cached_record(stores, run["name"], key)
             if record is not None:
-                say(f"{run['name']}: reusing {cached}")
+                say(f"{run['name']}: reusing its finished record")
                 records[run["name"]] = record
                 continue
         if args.only is not None and run["name"] not in args.only:
@@ -742,16 +751,17 @@ def brillm_runs(recipe, args, runs_dir, train_set, dev, valid, primary, graph_co
             "tokens_per_second": round(trained["tokens"] / max(trained["seconds"], 1e-9), 1),
             "eval_seconds": round(eval_seconds, 1), "metrics": metrics, "curve": trained["curve"],
             "load_average": trained["load_average"], "dev_curve": dev_history,
-            "seen": trained["seen"] if run["reference"] else None,
+            # the sample rows trained on, for KenLM on the same samples (long: only when that KenLM row is asked for)
+            "seen": trained["seen"] if keeps_seen else None,
         }  # fmt: skip
-        cached.write_text(json.dumps(record))
+        save_record(stores, run["name"], record)
         records[run["name"]] = record
         say(f"{run['name']}: " + ", ".join(f"{n} {m['bits_per_char']} bits/char" for n, m in metrics.items()))
         del model
     return records
 
 
-def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, valid, primary, vocab_size):
+def gpt2_run(recipe, args, stores, reference, ref_record, train_set, dev, valid, primary, vocab_size):
     """GPT-2 on the reference BriLLM run's batches, in one run (or its cached record): evaluated after the
     reference's tokens, after its training wall-clock and, with ``converge``, where the convergence rule stops it.
     It trains past the reference's tokens and until the rule stops it, or (without ``converge``) until the
@@ -761,9 +771,9 @@ def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, vali
     budget = settings["max_seconds"] or ref_record["seconds"]
     ref_tokens = ref_record["train_tokens"]
     key = _run_key(recipe, {**settings, "budget": budget, "ref_tokens": ref_tokens, "runs": "one"})
-    cached = runs_dir / "gpt2.json"
-    record = cached_record(cached, key)
+    record = cached_record(stores, "gpt2", key)
     if record is not None and not (args.only is not None and "gpt2" in args.only):
+        say("gpt2: reusing its finished record")
         return record
     model = gpt2_model(settings, vocab_size, recipe["seq_len"], recipe["seed"])
     say(f"gpt2: {model.num_parameters():,} parameters; equal tokens {ref_tokens}, equal wall-clock {budget:.0f} s"
@@ -795,7 +805,7 @@ def gpt2_run(recipe, args, runs_dir, reference, ref_record, train_set, dev, vali
         point = next(p for p in trained["curve"] if p.get("epoch") == converged["epoch"])
         record["converged"] = {"tokens": point["tokens"], "seconds": point["seconds"], "epochs": converged["epoch"],
                                "metrics": converged["metrics"], "dev_curve": history}  # fmt: skip
-    cached.write_text(json.dumps(record))
+    save_record(stores, "gpt2", record)
     return record
 
 
@@ -818,18 +828,38 @@ def warm_up(train_set, graph_counts, tokenizer, vocab_size, seq_len, steps=4):
     say(f"warm-up (untimed): {time.perf_counter() - started:.1f} s")
 
 
-def cached_record(path, key):
-    """The finished run's record saved at ``path`` if it was made with the settings ``key``, else `None`."""
-    if not Path(path).is_file():
-        return None
-    record = json.loads(Path(path).read_text())
-    return record if record.get("key") == key else None
+def cached_record(stores, name, key):
+    """The finished run ``name``'s record from the first folder of ``stores`` that holds one made with the settings
+    ``key``, else `None` (a record made with other settings is ignored)."""
+    for folder in stores:
+        path = Path(folder) / f"{name}.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("key") == key:
+                return record
+    return None
+
+
+def save_record(stores, name, record):
+    for folder in stores:
+        (Path(folder) / f"{name}.json").write_text(json.dumps(record, separators=(",", ":")) + "\n")
 
 
 def _run_key(recipe, run):
     material = {k: recipe[k] for k in ("corpus", "tokenizer", "vocab_size", "seq_len", "eval_samples", "validation",
-                                       "seed", "curve_points")}  # fmt: skip
+                                       "seed", "curve_points", "dev_samples", "convergence")}  # fmt: skip
+    # The texts themselves: a record made on another version of the corpus is not reused (e.g. from --records).
+    corpus = Path(recipe["corpus"])
+    files = {"train.txt", "valid.txt"} | {source for source in recipe["validation"].values() if source != "prepared"}
+    material["sha256"] = {name: _file_digest(corpus / name) for name in sorted(files)}
     return hashlib.sha256(json.dumps([material, run], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _file_digest(path):
+    from modeling_brillm.corpora import sha256_file
+
+    return sha256_file(path)
 
 
 def _row(record):

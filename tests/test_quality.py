@@ -123,10 +123,16 @@ def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path
         "gpt2: {n_embd: 16, n_layer: 1, n_head: 1, learning_rate: 0.01, warmup_steps: 2, max_seconds: 0.1, epochs: 3, "
         "converge: true}\n"
     )
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), "--config", str(recipe),
-                             "--skip-kenlm"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = {row["name"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    def study(*extra):
+        result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), "--config", str(recipe),
+                                 "--skip-kenlm", "--records", str(tmp_path / "records"), *extra],
+                                capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    study()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {row["name"]: row for row in results["rows"]}
     epochs_run = {}
     # A GPT-2 that converged within the reference's wall-clock (0.1 s here) has no equal-wall-clock row.
     timed = "gpt2 (equal wall-clock)" in rows
@@ -153,3 +159,8 @@ def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path
     seen = json.loads((tmp_path / "out" / "runs" / "b.json").read_text())["seen"]
     assert len(seen) == (total - 6) // 4 * 4 * epochs_run["b"]  # whole epochs of the training samples left
     assert len(set(seen)) <= total - 6  # the 6 development samples are not trained on
+
+    # The finished records saved in --records serve a study in a fresh output folder: nothing is trained again.
+    again = study("--output-dir", str(tmp_path / "elsewhere"))
+    assert "b: reusing its finished record" in again and "gpt2: reusing its finished record" in again
+    assert json.loads((tmp_path / "elsewhere" / "results.json").read_text())["rows"] == results["rows"]
