@@ -7,6 +7,7 @@ own slots of one source form one contiguous slab of the edge matrices. This file
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def dense_graph(vocab_size):
@@ -175,6 +176,58 @@ def edge_keys(row_ptr, col_idx, vocab_size):
     return sources * vocab_size + col_idx.long()
 
 
+# parameter -> the storage of its last dense slot gradient on CPU (see `zeroed_gradient`)
+_kept_gradients = WeakIdKeyDictionary()
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def zeroed_gradient(param, written=()):
+    """A zeroed full-size gradient for ``param``; on CPU in the storage of the previous one once nothing else holds it.
+
+    glibc maps every allocation over 32 MB afresh, so a new (P, d, d) gradient is page-faulted in at every step:
+    0.57 s for the 1.8 GB gradient of V = 4000, d = 32, against 0.14 s to zero kept memory. The tensor handed to
+    autograd becomes ``param.grad``; once ``zero_grad(set_to_none=True)`` (or anything) lets go of it, only the
+    storage kept here remains and the next backward zeroes and reuses it. Anything still holding it (a kept
+    ``param.grad``, gradient accumulation, a user's reference) gets a new tensor instead. On CUDA the caching
+    allocator already reuses memory. `forget_gradients` drops the kept storage (the model's ``eval()`` does).
+    ``written``: sorted, disjoint ``(start, stop)`` row ranges the caller overwrites whole; they are left unzeroed.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_brillm.graph_brillm import zeroed_gradient
+    >>> param = torch.nn.Parameter(torch.ones(1000, 4, 4))
+    >>> first = zeroed_gradient(param)
+    >>> pointer = first.data_ptr()
+    >>> del first  # as zero_grad(set_to_none=True) drops param.grad
+    >>> second = zeroed_gradient(param)
+    >>> second.data_ptr() == pointer, bool((second == 0).all())
+    (True, True)
+    >>> zeroed_gradient(param).data_ptr() == pointer  # `second` is still held
+    False
+    ```
+    """
+    kept = _kept_gradients.get(param)
+    if kept is not None and kept.nbytes() == param.numel() * param.element_size() and _use_count(kept._cdata) == 1:
+        values = param.new_empty(0).set_(kept, 0, param.shape)
+    else:
+        values = torch.empty_like(param, memory_format=torch.contiguous_format)
+        if param.device.type == "cpu" and _use_count is not None:
+            _kept_gradients[param] = values.untyped_storage()
+    start = 0
+    for lo, hi in [*written, (len(param), len(param))]:
+        if lo > start:
+            values[start:lo].zero_()
+        start = hi
+    return values
+
+
+def forget_gradients(*params):
+    """Let go of the gradient storage `zeroed_gradient` keeps for ``params`` (freed once nothing else holds it)."""
+    for param in params:
+        _kept_gradients.pop(param, None)
+
 
 class SlotRows:
     """The one layout of a slot gradient (of ``weights`` or ``biases``, (P, ...)): dense, all P rows in ``values``;
@@ -199,4 +252,4 @@ class SlotRows:
         )
 
 
-__all__ = ["BriLLMEdgeGraph", "SlotRows", "dense_graph", "edge_keys"]
+__all__ = ["BriLLMEdgeGraph", "SlotRows", "dense_graph", "edge_keys", "forget_gradients", "zeroed_gradient"]

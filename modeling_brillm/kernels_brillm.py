@@ -37,7 +37,7 @@ import os
 
 import torch
 
-from .graph_brillm import SlotRows
+from .graph_brillm import SlotRows, zeroed_gradient
 
 try:  # remote code must import without triton
     import triton
@@ -133,7 +133,7 @@ class SlotGradient(SlotRows):
             self.values = param.new_zeros(self.slots.numel(), *param.shape[1:])
             self.destination = 1 + plan.row_start  # (N,) values row of each group's first slab row
         else:
-            self.values = torch.zeros_like(param)
+            self.values = zeroed_gradient(param)
             self.destination = 1 + plan.lo
 
 

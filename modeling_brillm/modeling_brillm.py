@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 from .configuration_brillm import BriLLMConfig
-from .graph_brillm import BriLLMEdgeGraph
+from .graph_brillm import BriLLMEdgeGraph, forget_gradients
 from .scoring_brillm import (
     GradientLink,
     gather_slots,
@@ -209,6 +209,11 @@ class BriLLMModel(BriLLMPreTrainedModel):
         self.graph = BriLLMEdgeGraph(V, P)
         self.sparse_gradients = False  # see `set_sparse_gradients`
         self.post_init()
+
+    def train(self, mode=True):
+        if not mode:  # the gradient storage kept between training steps (graph_brillm.zeroed_gradient) is let go
+            forget_gradients(self.weights, self.biases)
+        return super().train(mode)
 
     def extra_repr(self):
         shapes = ", ".join(f"{name}={tuple(p.shape)}" for name, p in self.named_parameters(recurse=False))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .graph_brillm import SlotRows
+from .graph_brillm import SlotRows, zeroed_gradient
 from .kernels_brillm import edge_nll, kernels_wanted
 from .signal_brillm import gelu, sinusoidal_positions
 
@@ -121,10 +121,10 @@ class SlotGradient(SlotRows):
 
     def __init__(self, param, plan, sparse):
         self.shape, self.sparse = param.shape, sparse
-        if not sparse:
-            self.values = torch.zeros_like(param)
-            return
         slabs = [(lo, hi) for lo, hi, _, _ in plan.groups if hi > lo]
+        if not sparse:  # backward overwrites slot 0 and every slab whole: only the other rows need zeros
+            self.values = zeroed_gradient(param, written=[(0, 1)] + [(1 + lo, 1 + hi) for lo, hi in slabs])
+            return
         slots = [torch.zeros(1, dtype=torch.long)] + [torch.arange(1 + lo, 1 + hi) for lo, hi in slabs]
         self.slots = torch.cat(slots).to(param.device)  # (S,) sorted: groups come in source order
         self.values = param.new_empty(self.slots.numel(), *param.shape[1:])

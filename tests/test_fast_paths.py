@@ -117,6 +117,38 @@ def test_sparse_gradients_train_with_sgd_like_dense():
     assert max_error(results[0].model.weights, model.model.weights) > 1e-3  # it did train
 
 
+def test_kept_gradient_storage_holds_only_this_batch():
+    """Dense slot gradients reuse the previous step's storage once it is released (graph_brillm.zeroed_gradient):
+    rows another batch touched come back zero, a held gradient is never overwritten, accumulation still adds."""
+    from modeling_brillm import graph_brillm
+
+    model = make_model(seed=10, vocab_size=23)
+    weights = model.model.weights
+    first, second = (random_ids(2, 6, 23, seed=s) for s in (11, 12))
+    assert set(first.unique().tolist()) != set(second.unique().tolist())
+
+    def loss(ids):
+        return model(ids, labels=ids).loss
+
+    expected = {name: g.clone() for name, g in grads(model, lambda m: loss(second), False).items()}
+    model.eval()  # lets the kept storage go: the next gradient is a new tensor
+    assert weights not in graph_brillm._kept_gradients
+    model.train()
+    grads(model, lambda m: loss(first), False)
+    pointer = weights.grad.data_ptr()
+    reused = grads(model, lambda m: loss(second), False)  # zero_grad(set_to_none=True) released the first
+    assert reused["weights"].data_ptr() == pointer
+    for name in PARAMS:
+        assert torch.equal(reused[name], expected[name]), name
+    held = weights.grad
+    again = grads(model, lambda m: loss(first), False)["weights"]
+    assert again.data_ptr() != held.data_ptr() and torch.equal(held, expected["weights"])
+    again = again.clone()
+    del held
+    loss(second).backward()  # accumulates into the gradient the first batch left (a new tensor is added in)
+    assert max_error(weights.grad, again + expected["weights"]) < 1e-6
+
+
 @pytest.mark.parametrize("dense", [False, True])
 def test_no_grad_scoring_equals_autograd_scoring(dense):
     model = make_model(dense=dense, vocab_size=6 if dense else 11, seed=10)
