@@ -26,9 +26,12 @@ One recipe (``configuration/quality/*.yaml``) names a corpus folder (``train.txt
    training tokens; n-gram levels as horizontal lines) into the output folder.
 
 Every finished run's record is saved in the output folder's ``runs/`` and reused while its settings and texts
-match, so an interrupted study resumes. ``--records DIR`` also reads and saves them in ``DIR``: the records
-committed under ``docs/quality-runs/<recipe>/`` let a study of hours go on in a later session or on another
-machine (e.g. GPT-2 against a committed BriLLM run) and rebuild its tables without retraining.
+match, so an interrupted study resumes; a run in training saves its progress there too (``<name>.progress/``:
+weights, optimizer state, curves) at every epoch end and every ``--checkpoint-minutes`` (30) of training, and a
+killed run goes on from its last save with the same numbers. ``--records DIR`` also reads and saves the finished
+records in ``DIR``: the records committed under ``docs/quality-runs/<recipe>/`` let a study of hours go on in a
+later session or on another machine (e.g. GPT-2 against a committed BriLLM run) and rebuild its tables without
+retraining.
 
 KenLM sees token ids as words ("w17 w4 ..."). It is trained on the token stream of the same training samples:
 consecutive samples of one run of text overlap by one token (see `modeling_brillm.data`), so they are chained
@@ -285,15 +288,77 @@ def evaluate_all(model, valid, batch_size):
 # Training loops (BriLLM and GPT-2 share the data order and the timing rules)
 
 
+class RunProgress:
+    """A run's saved progress in ``folder`` (``runs/<name>.progress/``), so that a run killed with its session resumes.
+
+    `run_training` saves at every epoch end and after every ``every_seconds`` of training (at a step boundary;
+    ``None``: at epoch ends only): the model (safetensors), the optimizer, scheduler and RNG states, and the
+    loop's counters, curves and the ``carry`` dicts of its callers (the convergence histories). A later run with
+    the same settings ``key`` goes on from there, as if never stopped: the same batches, the same numbers. Saving
+    is atomic (a staged folder) and outside the timed training; a progress of other settings is discarded.
+
+    Example (the folder holds nothing yet):
+
+    ```python
+    >>> import tempfile
+    >>> progress = RunProgress(Path(tempfile.mkdtemp()) / "b.progress", key="abc", every_seconds=1800)
+    >>> progress.load(model=None, optimizer=None, scheduler=None) is None
+    True
+
+    ```
+    """
+
+    def __init__(self, folder, key, every_seconds):
+        self.folder, self.key, self.every_seconds = Path(folder), key, every_seconds
+
+    def load(self, model, optimizer, scheduler):
+        """The saved loop state (after loading model, optimizer, scheduler and RNG), or `None` (nothing to resume)."""
+        import torch
+        from safetensors.torch import load_model
+
+        path = self.folder / "progress.json"
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        if state["key"] != self.key:
+            say(f"{self.folder.name}: made with other settings, discarded")
+            self.discard()
+            return None
+        load_model(model, self.folder / "model.safetensors")
+        saved = torch.load(self.folder / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        state["at_tokens"] = {int(mark): value for mark, value in state["at_tokens"].items()}
+        return state
+
+    def save(self, model, optimizer, scheduler, state):
+        import torch
+        from safetensors.torch import save_model
+
+        from modeling_brillm.output_folders import staged_folder
+
+        with staged_folder(self.folder) as staging:
+            save_model(model, str(staging / "model.safetensors"))
+            states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
+            torch.save(states, staging / "optimizer.pt")
+            (staging / "progress.json").write_text(json.dumps({**state, "key": self.key}))
+
+    def discard(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def run_training(name, model, loss_fn, train_set, settings, valid, milestones, eval_batch_size, primary, stop,
-                 num_steps=None, full_eval_at=(), epoch_check=None, time_mark=None):  # fmt: skip
+                 num_steps=None, full_eval_at=(), epoch_check=None, time_mark=None, progress=None, carry=None):  # fmt: skip
     """Train ``model`` with `brillm train`'s step (`train_step`: AdamW, the run's learning-rate schedule over
     ``num_steps`` optimizer steps) in its data order (`batch_stream`) until, at an epoch end,
     ``epoch_check(epochs_done, model)`` (`convergence_check`) or ``stop(tokens, seconds)`` says so (the epoch check
     first); evaluate on the primary validation set when the tokens pass one of ``milestones``, at the end of every
     epoch and at the end, on every set at the marks in ``full_eval_at`` and when the training seconds first pass
-    ``time_mark``, with the clock paused. Returns the curve, the tokens, the training seconds, the indices of the
-    samples seen, and the full evaluations by token mark (``at_tokens``) and at the time mark (``at_time``)."""
+    ``time_mark``, with the clock paused. With ``progress`` (a `RunProgress`) it resumes from and saves to its
+    folder, ``carry`` (name: dict, updated in place) included. Returns the curve, the tokens, the training seconds,
+    the indices of the samples seen, and the full evaluations by token mark (``at_tokens``) and at the time mark
+    (``at_time``)."""
     from modeling_brillm.train import (LENGTH_FREE_SCHEDULES, TrainRecipe, batch_stream, build_optimizer,
                                        build_scheduler, check_schedule, train_step)  # fmt: skip
 
@@ -305,13 +370,24 @@ def run_training(name, model, loss_fn, train_set, settings, valid, milestones, e
     optimizer = build_optimizer(model, recipe)
     scheduler = build_scheduler(optimizer, recipe, num_steps or 1)
     ids, mask = train_set["input_ids"], train_set["attention_mask"]
-    milestones = sorted(set(milestones) | set(full_eval_at))
-    curve, seen, at_tokens, at_time = [], [], {}, None
-    tokens = steps = 0
-    seconds, last_log = 0.0, time.perf_counter()
-    load_before = os.getloadavg()[0]
+    carry = carry or {}
+    state = {"milestones": sorted(set(milestones) | set(full_eval_at)), "curve": [], "seen": [], "at_tokens": {},
+             "at_time": None, "tokens": 0, "steps": 0, "seconds": 0.0, "epoch": 0, "batch_in_epoch": 0,
+             "loss": None, "load_before": os.getloadavg()[0], "resumed": 0}  # fmt: skip
+    saved = progress.load(model, optimizer, scheduler) if progress is not None else None
+    if saved is not None:
+        for key, values in saved.pop("carry").items():
+            carry[key].clear()
+            carry[key].update(values)
+        state.update(saved, resumed=saved["resumed"] + 1)
+        say(f"{name}: resuming its saved progress at step {state['steps']} ({state['seconds']:.0f} s trained)")
+    milestones, curve, seen, at_tokens = state["milestones"], state["curve"], state["seen"], state["at_tokens"]
+    at_time, tokens, steps, seconds = state["at_time"], state["tokens"], state["steps"], state["seconds"]
+    saved_at, last_log = seconds, time.perf_counter()
     model.train()
-    for epoch, _, rows, ends_epoch in batch_stream(len(ids), recipe.batch_size, settings.get("seed", 0)):
+    stream = batch_stream(len(ids), recipe.batch_size, settings.get("seed", 0), epoch=state["epoch"],
+                          batch_in_epoch=state["batch_in_epoch"])  # fmt: skip
+    for epoch, index, rows, ends_epoch in stream:
         started = time.perf_counter()
         loss = train_step(model, loss_fn, ids[rows], mask[rows], optimizer, scheduler)
         seconds += time.perf_counter() - started
@@ -341,10 +417,17 @@ def run_training(name, model, loss_fn, train_set, settings, valid, milestones, e
                 f"{primary} bits/char {metrics[primary]['bits_per_char']}")  # fmt: skip
         if done:
             break
+        every = progress.every_seconds if progress is not None else None
+        if progress is not None and (ends_epoch or (every is not None and seconds - saved_at >= every)):
+            state.update(milestones=milestones, at_time=at_time, tokens=tokens, steps=steps, seconds=seconds,
+                         epoch=epoch + ends_epoch, batch_in_epoch=0 if ends_epoch else index + 1, loss=loss.item())  # fmt: skip
+            progress.save(model, optimizer, scheduler, {**state, "carry": carry})
+            saved_at = seconds
     # The 1-minute load average before and after: other processes on the machine slow the run down.
-    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    load = [round(state["load_before"], 2), round(os.getloadavg()[0], 2)]
     return {"curve": curve, "tokens": tokens, "steps": steps, "seconds": round(seconds, 2), "seen": seen,
-            "at_tokens": at_tokens, "at_time": at_time, "final_loss": loss.item(), "load_average": load}  # fmt: skip
+            "at_tokens": at_tokens, "at_time": at_time, "final_loss": loss.item(), "load_average": load,
+            "resumed": state["resumed"]}  # fmt: skip
 
 
 def convergence_check(dev, eval_batch_size, min_epochs, min_improvement, max_epochs):
@@ -613,6 +696,9 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md and quality.png from results.json")
     parser.add_argument("--records", help="a folder of finished run records (e.g. docs/quality-runs/full) to reuse "
                                           "when their settings match, and where new ones are saved too")  # fmt: skip
+    parser.add_argument("--checkpoint-minutes", type=float, default=30.0,
+                        help="save a run's progress (runs/<name>.progress/) after this many minutes of training, as "
+                             "at every epoch end, so a killed study resumes there (0: at epoch ends only)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.install_kenlm:
         try:
@@ -733,9 +819,11 @@ def brillm_runs(recipe, args, stores, train_set, dev, valid, primary, graph_coun
         milestones = [] if run["epochs"] else milestones  # an epoch run is evaluated at every epoch end
         positions_before = model.base_model.positions.detach().clone()
         stop, num_steps, epoch_check, dev_history = training_limits(run, recipe, len(train_set["input_ids"]), dev)
+        progress = run_progress(stores, run["name"], key, args)
         trained = run_training(run["name"], model, brillm_loss(run, successors), train_set,
                                {**run, "seed": recipe["seed"]}, valid, milestones, recipe["eval_batch_size"], primary,
-                               stop=stop, num_steps=num_steps, epoch_check=epoch_check)  # fmt: skip
+                               stop=stop, num_steps=num_steps, epoch_check=epoch_check, progress=progress,
+                               carry={"development": dev_history} if dev_history is not None else None)  # fmt: skip
         if run["positions"] == "last":
             assert torch.equal(positions_before, model.base_model.positions), "frozen positions changed"
         started = time.perf_counter()
@@ -750,11 +838,12 @@ def brillm_runs(recipe, args, stores, train_set, dev, valid, primary, graph_coun
             "train_tokens": trained["tokens"], "steps": trained["steps"], "seconds": trained["seconds"],
             "tokens_per_second": round(trained["tokens"] / max(trained["seconds"], 1e-9), 1),
             "eval_seconds": round(eval_seconds, 1), "metrics": metrics, "curve": trained["curve"],
-            "load_average": trained["load_average"], "dev_curve": dev_history,
+            "load_average": trained["load_average"], "dev_curve": dev_history, "resumed": trained["resumed"],
             # the sample rows trained on, for KenLM on the same samples (long: only when that KenLM row is asked for)
             "seen": trained["seen"] if keeps_seen else None,
         }  # fmt: skip
         save_record(stores, run["name"], record)
+        progress.discard()
         records[run["name"]] = record
         say(f"{run['name']}: " + ", ".join(f"{n} {m['bits_per_char']} bits/char" for n, m in metrics.items()))
         del model
@@ -794,9 +883,11 @@ def gpt2_run(recipe, args, stores, reference, ref_record, train_set, dev, valid,
     def stop(tokens, seconds):
         return tokens >= ref_tokens and (bool(converged) if settings["converge"] else seconds >= budget)
 
+    progress = run_progress(stores, "gpt2", key, args)
     trained = run_training("gpt2", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid, marks,
                            recipe["eval_batch_size"], primary, stop=stop, full_eval_at=[ref_tokens],
-                           epoch_check=epoch_check, time_mark=budget)  # fmt: skip
+                           epoch_check=epoch_check, time_mark=budget, progress=progress,
+                           carry={"converged": converged, **({"development": history} if history else {})})  # fmt: skip
     trained.pop("seen")
     record = {"key": key, "settings": settings, "budget": budget, "parameters": model.num_parameters(),
               "trained": trained, "equal_tokens": trained["at_tokens"].get(ref_tokens),
@@ -806,6 +897,7 @@ def gpt2_run(recipe, args, stores, reference, ref_record, train_set, dev, valid,
         record["converged"] = {"tokens": point["tokens"], "seconds": point["seconds"], "epochs": converged["epoch"],
                                "metrics": converged["metrics"], "dev_curve": history}  # fmt: skip
     save_record(stores, "gpt2", record)
+    progress.discard()
     return record
 
 
@@ -838,6 +930,12 @@ def cached_record(stores, name, key):
             if record.get("key") == key:
                 return record
     return None
+
+
+def run_progress(stores, name, key, args):
+    """The `RunProgress` of run ``name`` in the output folder's ``runs/`` (never in --records: it holds weights)."""
+    minutes = args.checkpoint_minutes
+    return RunProgress(Path(stores[0]) / f"{name}.progress", key, None if minutes == 0 else 60.0 * minutes)
 
 
 def save_record(stores, name, record):

@@ -130,7 +130,7 @@ def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result.stdout
 
-    study()
+    study_log = study()
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = {row["name"]: row for row in results["rows"]}
     epochs_run = {}
@@ -159,8 +159,74 @@ def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path
     seen = json.loads((tmp_path / "out" / "runs" / "b.json").read_text())["seen"]
     assert len(seen) == (total - 6) // 4 * 4 * epochs_run["b"]  # whole epochs of the training samples left
     assert len(set(seen)) <= total - 6  # the 6 development samples are not trained on
+    # No saved progress is left once the records are written.
+    assert "resuming" not in study_log and not list((tmp_path / "out" / "runs").glob("*.progress"))
 
     # The finished records saved in --records serve a study in a fresh output folder: nothing is trained again.
     again = study("--output-dir", str(tmp_path / "elsewhere"))
     assert "b: reusing its finished record" in again and "gpt2: reusing its finished record" in again
     assert json.loads((tmp_path / "elsewhere" / "results.json").read_text())["rows"] == results["rows"]
+
+
+@pytest.mark.parametrize("every_seconds", [0.0, None])
+def test_a_killed_run_resumes_from_its_saved_progress(tmp_path, monkeypatch, every_seconds):
+    """A run killed mid-way (a session's end) goes on from its last save (every step here, or the last epoch end)
+    and ends exactly as the run that was never stopped: same curve, same weights, same convergence history."""
+    import torch
+
+    import modeling_brillm.train as train
+    from modeling_brillm import BriLLMConfig, BriLLMForCausalLM
+
+    quality = _quality_module()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 12, (40, 8), generator=generator)
+    mask = torch.ones_like(ids)
+    train_set = {"input_ids": ids, "attention_mask": mask}
+    valid = {"v": {"input_ids": ids[:8], "attention_mask": mask[:8], "num_chars": torch.full((8,), 9)}}
+    settings = {"learning_rate": 0.05, "batch_size": 4, "lr_scheduler_type": "cosine", "warmup_steps": 2, "seed": 0}
+    loss_fn = quality.brillm_loss({"objective": "full", "num_negatives": 0}, None)
+
+    def run(progress=None):
+        torch.manual_seed(1)
+        model = BriLLMForCausalLM(BriLLMConfig(vocab_size=12, hidden_size=4))
+        log = {"epochs": []}
+
+        def epoch_check(done, model):
+            log["epochs"].append(done)
+            return done >= 3
+
+        trained = quality.run_training("b", model, loss_fn, train_set, settings, valid, [50, 150], 8, "v",
+                                       stop=lambda tokens, seconds: False, num_steps=30, epoch_check=epoch_check,
+                                       progress=progress, carry={"log": log})  # fmt: skip
+        return trained, model, log
+
+    expected, expected_model, expected_log = run()
+    progress = quality.RunProgress(tmp_path / "b.progress", key="k", every_seconds=every_seconds)
+    real_step, calls = train.train_step, []
+
+    def killed_at_17(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 17:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", killed_at_17)
+    with pytest.raises(KeyboardInterrupt):
+        run(progress)
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert json.loads((tmp_path / "b.progress" / "progress.json").read_text())["steps"] == (16 if every_seconds == 0 else 10)
+    resumed, model, log = run(progress)
+    assert resumed["resumed"] == 1 and expected["resumed"] == 0
+    def untimed(points):  # the clock differs, nothing else
+        return [{k: v for k, v in point.items() if k != "seconds"} for point in points]
+
+    assert untimed(resumed["curve"]) == untimed(expected["curve"])
+    assert untimed(resumed["at_tokens"].values()) == untimed(expected["at_tokens"].values())
+    for key in ("tokens", "steps", "seen", "final_loss"):
+        assert resumed[key] == expected[key], key
+    assert log == expected_log == {"epochs": [1, 2, 3]}
+    for (name, a), b in zip(model.named_parameters(), expected_model.parameters()):
+        assert torch.equal(a, b), name
+    # A progress saved under other settings is not resumed (and is removed).
+    assert quality.RunProgress(tmp_path / "b.progress", key="other", every_seconds=None).load(model, None, None) is None
+    assert not (tmp_path / "b.progress").exists()
