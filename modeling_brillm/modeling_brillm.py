@@ -149,9 +149,10 @@ class BriLLMPreTrainedModel(PreTrainedModel):
     def set_sparse_gradients(self, enabled=True):
         """Give ``weights`` and ``biases`` sparse COO gradients that hold only the slots a batch touched.
 
-        A batch touches slot 0 and the slabs of the nodes it passes through (a few percent of all slots), so a
-        sparse gradient skips writing, zeroing and reading the full (P, d, d) tensor every step, and an optimizer
-        that updates only those rows skips the rest too. Dense gradients stay the default because every
+        A batch touches slot 0 and the slabs of the nodes it passes through, so a sparse gradient skips writing,
+        zeroing and reading the full (P, d, d) tensor every step, and an optimizer that updates only those rows
+        skips the rest too. That pays when a batch touches a small part of the slots (at the released English
+        shape a 32 x 32 batch touches 37 % of them, and dense fused AdamW is the faster). Dense gradients stay the default because every
         optimizer, gradient clipping and `Trainer` accept them; ``node_bias`` and ``positions`` are always dense.
         Sparse gradients need an optimizer that takes them: ``modeling_brillm.optimization.LazyAdamW`` (AdamW on
         the touched rows only), `torch.optim.SGD`, or `torch.optim.SparseAdam` (slow); `torch.optim.AdamW`, gradient
