@@ -2,7 +2,8 @@
 
     python benchmarks/quality.py --config configuration/quality/quick.yaml   # bundled corpus, ~30 s (CI smoke test)
     python benchmarks/quality.py --config configuration/quality/full.yaml    # prepared English corpus, ~1 h
-    python benchmarks/quality.py --config configuration/quality/zh.yaml      # People's Daily to convergence, ~3 h (BriLLM 2 h)
+    python benchmarks/quality.py --config configuration/quality/zh.yaml      # People's Daily to convergence, ~2 h (BriLLM 1.5 h)
+    python benchmarks/quality.py --config configuration/quality/en.yaml      # English BPE to convergence, over several sessions
     python benchmarks/quality.py --install-kenlm                             # only build KenLM (apt + cmake, ~2 min)
 
 One recipe (``configuration/quality/*.yaml``) names a corpus folder (``train.txt`` + ``valid.txt``, as
