@@ -208,8 +208,9 @@ def zeroed_gradient(param, written=()):
     False
     ```
     """
-    kept = _kept_gradients.get(param)
-    if kept is not None and kept.nbytes() == param.numel() * param.element_size() and _use_count(kept._cdata) == 1:
+    kept = _kept_gradients.get(param)  # reusable if still the same size and place (`module.to` keeps the Parameter)
+    fits = kept is not None and kept.device == param.device and kept.nbytes() == param.numel() * param.element_size()
+    if fits and _use_count(kept._cdata) == 1:
         values = param.new_empty(0).set_(kept, 0, param.shape)
     else:
         values = torch.empty_like(param, memory_format=torch.contiguous_format)

@@ -152,9 +152,9 @@ class BriLLMPreTrainedModel(PreTrainedModel):
         A batch touches slot 0 and the slabs of the nodes it passes through, so a sparse gradient skips writing,
         zeroing and reading the full (P, d, d) tensor every step, and an optimizer that updates only those rows
         skips the rest too. That pays when a batch touches a small part of the slots (at the released English
-        shape a 32 x 32 batch touches 37 % of them, and dense fused AdamW is the faster). Dense gradients stay the default because every
-        optimizer, gradient clipping and `Trainer` accept them; ``node_bias`` and ``positions`` are always dense.
-        Sparse gradients need an optimizer that takes them: ``modeling_brillm.optimization.LazyAdamW`` (AdamW on
+        shape a 32 x 32 batch touches 37 % of them, and dense fused AdamW is the faster). Dense gradients stay the
+        default because every optimizer, gradient clipping and `Trainer` accept them; ``node_bias`` and
+        ``positions`` are always dense. Sparse gradients need an optimizer that takes them: ``modeling_brillm.optimization.LazyAdamW`` (AdamW on
         the touched rows only), `torch.optim.SGD`, or `torch.optim.SparseAdam` (slow); `torch.optim.AdamW`, gradient
         clipping and `Trainer` refuse them. The setting is not saved with the model.
         """
