@@ -311,6 +311,11 @@ class RunProgress:
 
     def __init__(self, folder, key, every_seconds):
         self.folder, self.key, self.every_seconds = Path(folder), key, every_seconds
+        self.saved_at = 0.0  # the training seconds of the last save (or of the loaded one)
+
+    def due(self, ends_epoch, seconds):
+        """Whether to save after a step that ended at ``seconds`` of training (``ends_epoch``: the last of an epoch)."""
+        return ends_epoch or (self.every_seconds is not None and seconds - self.saved_at >= self.every_seconds)
 
     def load(self, model, optimizer, scheduler):
         """The saved loop state (after loading model, optimizer, scheduler and RNG), or `None` (nothing to resume)."""
@@ -331,6 +336,7 @@ class RunProgress:
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         state["at_tokens"] = {int(mark): value for mark, value in state["at_tokens"].items()}
+        self.saved_at = state["seconds"]
         return state
 
     def save(self, model, optimizer, scheduler, state):
@@ -344,6 +350,7 @@ class RunProgress:
             states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
             torch.save(states, staging / "optimizer.pt")
             (staging / "progress.json").write_text(json.dumps({**state, "key": self.key}))
+        self.saved_at = state["seconds"]
 
     def discard(self):
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -384,7 +391,7 @@ def run_training(name, model, loss_fn, train_set, settings, valid, milestones, e
         say(f"{name}: resuming its saved progress at step {state['steps']} ({state['seconds']:.0f} s trained)")
     milestones, curve, seen, at_tokens = state["milestones"], state["curve"], state["seen"], state["at_tokens"]
     at_time, tokens, steps, seconds = state["at_time"], state["tokens"], state["steps"], state["seconds"]
-    saved_at, last_log = seconds, time.perf_counter()
+    last_log = time.perf_counter()
     model.train()
     stream = batch_stream(len(ids), recipe.batch_size, settings.get("seed", 0), epoch=state["epoch"],
                           batch_in_epoch=state["batch_in_epoch"])  # fmt: skip
@@ -418,12 +425,10 @@ def run_training(name, model, loss_fn, train_set, settings, valid, milestones, e
                 f"{primary} bits/char {metrics[primary]['bits_per_char']}")  # fmt: skip
         if done:
             break
-        every = progress.every_seconds if progress is not None else None
-        if progress is not None and (ends_epoch or (every is not None and seconds - saved_at >= every)):
+        if progress is not None and progress.due(ends_epoch, seconds):
             state.update(milestones=milestones, at_time=at_time, tokens=tokens, steps=steps, seconds=seconds,
                          epoch=epoch + ends_epoch, batch_in_epoch=0 if ends_epoch else index + 1, loss=loss.item())  # fmt: skip
             progress.save(model, optimizer, scheduler, {**state, "carry": carry})
-            saved_at = seconds
     # The 1-minute load average before and after: other processes on the machine slow the run down.
     load = [round(state["load_before"], 2), round(os.getloadavg()[0], 2)]
     return {"curve": curve, "tokens": tokens, "steps": steps, "seconds": round(seconds, 2), "seen": seen,
