@@ -206,6 +206,7 @@ def zeroed_gradient(param, written=()):
     (True, True)
     >>> zeroed_gradient(param).data_ptr() == pointer  # `second` is still held
     False
+
     ```
     """
     kept = _kept_gradients.get(param)  # reusable if still the same size and place (`module.to` keeps the Parameter)
