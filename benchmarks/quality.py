@@ -1001,7 +1001,9 @@ def _gpt2_rows(record):
         rows.append(row("gpt2 (equal wall-clock)", timed["tokens"], timed["seconds"], timed["metrics"],
                         **({} if converged else {"curve": trained["curve"], "load_average": trained["load_average"]})))
     if converged is not None:
-        name = "gpt2 (to convergence)" if timed is not None else "gpt2 (to convergence, within the equal wall-clock)"
+        cap = f"{converged['epochs']}-epoch cap, not converged"
+        stop = "to convergence" if converged["dev_curve"]["converged_at"] else cap
+        name = f"gpt2 ({stop})" if timed is not None else f"gpt2 ({stop}, within the equal wall-clock)"
         rows.append(row(name, converged["tokens"], converged["seconds"], converged["metrics"],
                         curve=trained["curve"], load_average=trained["load_average"],
                         development=converged["dev_curve"], epochs=converged["epochs"]))  # fmt: skip
