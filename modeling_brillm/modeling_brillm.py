@@ -154,9 +154,10 @@ class BriLLMPreTrainedModel(PreTrainedModel):
         skips the rest too. That pays when a batch touches a small part of the slots (at the released English
         shape a 32 x 32 batch touches 37 % of them, and dense fused AdamW is the faster). Dense gradients stay the
         default because every optimizer, gradient clipping and `Trainer` accept them; ``node_bias`` and
-        ``positions`` are always dense. Sparse gradients need an optimizer that takes them: ``modeling_brillm.optimization.LazyAdamW`` (AdamW on
-        the touched rows only), `torch.optim.SGD`, or `torch.optim.SparseAdam` (slow); `torch.optim.AdamW`, gradient
-        clipping and `Trainer` refuse them. The setting is not saved with the model.
+        ``positions`` are always dense. Sparse gradients need an optimizer that takes them:
+        ``modeling_brillm.optimization.LazyAdamW`` (AdamW on the touched rows only), `torch.optim.SGD`, or
+        `torch.optim.SparseAdam` (slow); `torch.optim.AdamW`, gradient clipping and `Trainer` refuse them. The
+        setting is not saved with the model.
         """
         self.base_model.sparse_gradients = enabled
 
