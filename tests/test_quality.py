@@ -86,6 +86,18 @@ def test_kenlm_rows(quick_study):
     assert bits[1] < bits[0]  # a trigram beats a bigram on 0.5 M tokens of Shakespeare
 
 
+def test_the_quality_recipes_in_the_repo_parse_and_typos_are_refused(tmp_path):
+    quality = _quality_module()
+    recipes = sorted((REPO_ROOT / "configuration" / "quality").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        assert quality.load_recipe(path)["brillm"], path
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICK.read_text(encoding="utf-8").replace("seq_len:", "seq_lenght:"), encoding="utf-8")
+    with pytest.raises(ValueError, match="seq_lenght"):
+        quality.load_recipe(bad)
+
+
 def test_training_runs_rebuild_the_token_stream(tmp_path):
     """The n-grams are trained on the runs the packed samples were cut from (blocks overlap by one token)."""
     from transformers import PreTrainedTokenizerFast
