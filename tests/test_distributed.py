@@ -1,8 +1,10 @@
 """Distributed training on 2 CPU processes (gloo): sparse updates sized by the batch, FSDP2, no silent fallbacks."""
 
+import contextlib
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from modeling_brillm.train import epoch_batches
 REPO = Path(__file__).resolve().parent.parent
 TWO_PROCESSES = REPO / "configuration" / "accelerate" / "cpu-2proc.yaml"
 STEPS = 4
+LAUNCH_TIMEOUT = 180
 
 
 def free_port():
@@ -36,8 +39,40 @@ def launch(recipe, tmp_path, *args, config=TWO_PROCESSES, env=None, launcher_arg
         "-m", "modeling_brillm.train", "--config", str(recipe), *args,
     ]  # fmt: skip
     environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                   "HF_HOME": str(tmp_path / "hf"), **(env or {})}  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=300)
+                   "HF_HOME": str(tmp_path / "hf"), "PYTHONFAULTHANDLER": "1", **(env or {})}  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env=environment)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # Say where it hangs: with PYTHONFAULTHANDLER set, SIGABRT makes every process print its Python stacks.
+        for pid in [*descendants(process.pid), process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        finally:
+            for pid in [*descendants(process.pid), process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the launch did not end in {LAUNCH_TIMEOUT} s (a normal one takes ~10 s); its output and the "
+                    f"stacks of its processes:\n{stdout[-3000:]}\n{stderr[-12000:]}")  # fmt: skip
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def descendants(pid):
+    """Every live descendant of process ``pid`` (the launcher's workers), from /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def logged(output_dir, key):

@@ -56,7 +56,7 @@ CHECKS = (
     + [("check_training_step", case) for case in STEP]
     + [("check_bf16_training_step", {}), ("check_no_grad_kernel", {})]
     + [("count_operators", case) for case in COUNTS]
-    + [("time_recurrence", {"T": 64}), ("time_recurrence", {"T": 256})]
+    + [("time_recurrence", {"T": 64, "repeats": 3}), ("time_recurrence", {"T": 256, "repeats": 3})]
 )
 
 
@@ -130,10 +130,11 @@ def test_kernel_step_launches_do_not_grow_with_sources_or_length(results):
 
 
 def test_recurrence_kernel_is_linear_in_length(results):
-    """Forward + backward of the recurrence kernel at B = 8, d = 32: four times the length costs at most five times
-    the time (a quadratic backward would cost sixteen). Interpreted, so T = 64 and 256 stand for 256 and 1024."""
+    """Forward + backward of the recurrence kernel at B = 8, d = 32: four times the length costs at most eight times
+    the time, best of 3 each (linear costs four, a quadratic backward sixteen: eight sits between them on a log scale,
+    so a noisy shared machine does not fail a linear kernel). Interpreted, so T = 64 and 256 stand for 256 and 1024."""
     short, long = results["time_recurrence"]
-    assert long["seconds"] <= 5 * short["seconds"], (short, long)
+    assert long["seconds"] <= 8 * short["seconds"], (short, long)
 
 
 def test_bf16_training_stays_within_1e2_of_float32(monkeypatch):
