@@ -5,6 +5,7 @@
     python benchmarks/quality.py --config configuration/quality/zh.yaml      # People's Daily to convergence, ~2 h (BriLLM 1.5 h)
     python benchmarks/quality.py --config configuration/quality/en.yaml      # English BPE to convergence, over several sessions
     python benchmarks/quality.py --install-kenlm                             # only build KenLM (apt + cmake, ~2 min)
+    python benchmarks/quality.py --figure docs/quality-en.png outputs/quality/en-char outputs/quality/en   # one figure
 
 One recipe (``configuration/quality/*.yaml``) names a corpus folder (``train.txt`` + ``valid.txt``, as
 ``brillm prepare-corpus`` writes), the tokenizer and the runs. The script
@@ -700,6 +701,9 @@ def main(argv=None):
     parser.add_argument("--skip-gpt2", action="store_true", help="no GPT-2 run (nor its cached record)")
     parser.add_argument("--only", nargs="+", help="run names to (re)train, brillm runs or gpt2 (others: earlier results)")
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md and quality.png from results.json")
+    parser.add_argument("--figure", nargs="+", metavar="PATH",
+                        help="only draw PATH from the results.json of the study folders that follow, one panel each "
+                             "(a language's studies: docs/quality-en.png outputs/quality/en-char outputs/quality/en)")  # fmt: skip
     parser.add_argument("--records", help="a folder of finished run records (e.g. docs/quality-runs/full) to reuse "
                                           "when their settings match, and where new ones are saved too")  # fmt: skip
     parser.add_argument("--checkpoint-minutes", type=float, default=30.0,
@@ -712,6 +716,12 @@ def main(argv=None):
         except KenLMUnavailable as error:
             raise SystemExit(f"KenLM unavailable: {error}")
         return
+    if args.figure:
+        path, *folders = args.figure
+        if not folders:
+            parser.error("--figure needs a PATH and at least one study folder (with results.json)")
+        plot([json.loads((Path(folder) / "results.json").read_text()) for folder in folders], path)
+        return
     if not args.config:
         parser.error("--config is required")
     recipe = load_recipe(args.config)
@@ -720,7 +730,7 @@ def main(argv=None):
     if args.report_only:
         results = json.loads((output_dir / "results.json").read_text())
         (output_dir / "results.md").write_text(results_markdown(results))
-        plot(results, output_dir / "quality.png")
+        plot([results], output_dir / "quality.png")
         return
     study_started = time.perf_counter()
     results = study(recipe, output_dir, args)
@@ -728,7 +738,7 @@ def main(argv=None):
     (output_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = results_markdown(results)
     (output_dir / "results.md").write_text(table)
-    plot(results, output_dir / "quality.png")
+    plot([results], output_dir / "quality.png")
     print(table)
     say(f"done in {results['study_seconds']:.0f} s -> {output_dir}/results.md, results.json, quality.png")
 
@@ -1099,14 +1109,26 @@ def results_markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def plot(results, path):
+def plot(studies, path):
+    """Held-out bits/char against training tokens (log x) of each study in ``studies`` (``results.json`` dicts),
+    one panel each on a shared y axis: a language's character and BPE studies side by side are one figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, len(studies), figsize=(7 * len(studies), 4.2), dpi=90, sharey=True, squeeze=False)
+    for ax, results in zip(axes[0], studies):
+        _plot_study(ax, results)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_study(ax, results):
+    import matplotlib.pyplot as plt
+
     primary = results["primary"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=90)
     styles = {"brillm": "-o", "gpt2": "-s"}
     for row in results["rows"]:
         if row.get("curve") and len(row["curve"]) > 1:
@@ -1127,15 +1149,13 @@ def plot(results, path):
         ax.axhline(value, color=colour, linestyle="--", linewidth=1)
         ax.annotate(f"{row['name']} ({_fmt_int(row['train_tokens'])} tokens)", (0.01 + 0.3 * index, value),
                     xycoords=("axes fraction", "data"), fontsize=7, va="bottom", color=colour)  # fmt: skip
+    recipe = results["recipe"]
     ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
+    ax.set_xlabel(f"training tokens ({recipe['tokenizer']}, V = {results['vocab_size']})")
     ax.set_ylabel(f"bits/char ({primary})")
-    ax.set_title(f"{results['recipe']['name']}: validation bits/char vs training tokens", fontsize=10)
+    ax.set_title(f"{recipe['name']}: validation bits/char vs training tokens", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,22 @@ def test_quick_study_reports_every_model(quick_study):
     print(f"quick quality study: {quick_study['seconds']:.0f} s")
 
 
+def test_a_language_figure_draws_one_panel_per_study(quick_study, tmp_path):
+    """`--figure` draws several studies' curves side by side (here the quick study twice): two panels are wider
+    than one, and a figure without a study folder is refused."""
+    script = [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), "--figure"]
+    output = str(quick_study["output"])
+    for panels in (1, 2):
+        result = subprocess.run([*script, str(tmp_path / f"{panels}.png"), *[output] * panels],
+                                capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    widths = [int.from_bytes((tmp_path / f"{panels}.png").read_bytes()[16:20], "big") for panels in (1, 2)]
+    assert widths[1] > 1.8 * widths[0], widths  # the PNG header's width
+    refused = subprocess.run([*script, str(tmp_path / "none.png")], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert refused.returncode == 2 and "at least one study folder" in refused.stderr
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_every_model_is_scored_on_the_same_tokens(quick_study):
     """The comparison's premise: one set of scored tokens and characters per validation set, for every model."""
     results = quick_study["results"]
