@@ -49,6 +49,23 @@ def count_ddp_traffic(ddp_model, traffic):
     ddp_model.register_comm_hook(state=None, hook=hook)
 
 
+def release_reducer(ddp_model):
+    """Free a DDP model's C++ reducer (and the logger that shares it) while Python still holds its process group.
+
+    The reducer holds the process group. As the group's last holder it destroys the group with the GIL held, and
+    gloo's destructor then waits for its worker thread, which may need the GIL to free the tensors of the last
+    collective: the process never exits (seen at the end of a 2-process CPU run, torch 2.13). The group's Python
+    handle (``ddp_model.process_group``) releases the GIL when it destroys the group. The model cannot train after
+    this; anything but a DDP model is left as it is.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(ddp_model, DistributedDataParallel):
+        for name in ("logger", "reducer"):  # the logger holds the reducer too
+            if name in vars(ddp_model):
+                delattr(ddp_model, name)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sparse gradients across processes
 

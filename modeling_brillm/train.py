@@ -852,6 +852,8 @@ class TrainingRun:
         accelerator.wait_for_everyone()
 
     def finish(self):
+        from .distributed import release_reducer
+
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         weights = self.gradients.state_dict(self.model)
@@ -860,6 +862,7 @@ class TrainingRun:
         if accelerator.is_main_process:
             model = self.gradients.unwrap(self.model)
             save_final_model(self.output_dir, model, weights, self.tokenizer, accelerator.save)
+        release_reducer(self.model)  # before the process group goes: a hang at exit otherwise
         accelerator.end_training()
         if not accelerator.is_main_process:
             return None

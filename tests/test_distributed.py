@@ -269,3 +269,26 @@ def test_recipes_refuse_combinations_that_cannot_train(tmp_path):
         path.write_text(f"train: {train}\n" if train.startswith("{") else f"train:\n  {train}\n")
         with pytest.raises(ValueError, match=message):
             Recipe.from_yaml(path)
+
+
+def test_the_end_of_a_ddp_run_frees_the_reducer_before_the_process_group(tmp_path):
+    """DDP's C++ reducer and logger go first, so the group dies through its Python handle, which releases the GIL
+    while gloo's threads finish (with the reducer as the last holder, a 2-process run could hang at exit)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from modeling_brillm.distributed import GradientTraffic, count_ddp_traffic, release_reducer
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(torch.nn.Linear(3, 3))
+        count_ddp_traffic(model, GradientTraffic())
+        model(torch.ones(2, 3)).sum().backward()
+        assert {"reducer", "logger"} <= set(vars(model))
+        release_reducer(model)
+        assert not {"reducer", "logger"} & set(vars(model))
+        plain = torch.nn.Linear(2, 2)
+        release_reducer(plain)  # not DDP: left as it is
+        assert plain(torch.ones(1, 2)).shape == (1, 2)
+    finally:
+        torch.distributed.destroy_process_group()
