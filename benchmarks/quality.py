@@ -112,6 +112,9 @@ GPT2_KEYS = {
     "max_seconds": None,  # default: the reference BriLLM run's training wall-clock ("equal wall-clock")
     "epochs": None,  # with converge: GPT-2 also trains by the convergence rule, at most this many epochs
     "converge": False,
+    # With converge, GPT-2 trains on past the rule's stop (or its epoch cap) to the reference's tokens. False: it stops
+    # there, with no "equal tokens" row (for a reference that trained longer than a GPT-2 run fits in a session).
+    "equal_tokens": True,
 }
 RECIPE_KEYS = {
     "name": None,
@@ -869,13 +872,16 @@ def brillm_runs(recipe, args, stores, train_set, dev, valid, primary, graph_coun
 def gpt2_run(recipe, args, stores, reference, ref_record, train_set, dev, valid, primary, vocab_size):
     """GPT-2 on the reference BriLLM run's batches, in one run (or its cached record): evaluated after the
     reference's tokens, after its training wall-clock and, with ``converge``, where the convergence rule stops it.
-    It trains past the reference's tokens and until the rule stops it, or (without ``converge``) until the
-    reference's wall-clock: a GPT-2 that converged sooner has no equal-wall-clock point, its converged one is it."""
+    It trains past the reference's tokens and until the rule stops it (with ``equal_tokens: false`` only until the
+    rule or its epoch cap stops it), or (without ``converge``) until the reference's wall-clock: a GPT-2 that
+    converged sooner has no equal-wall-clock point, its converged one is it."""
     settings = {**recipe["gpt2"]}
     settings["batch_size"] = settings["batch_size"] or reference["batch_size"]
     budget = settings["max_seconds"] or ref_record["seconds"]
     ref_tokens = ref_record["train_tokens"]
-    key = _run_key(recipe, {**settings, "budget": budget, "ref_tokens": ref_tokens, "runs": "one"})
+    # The default stays out of the key: records made before `equal_tokens` existed keep matching.
+    keyed = {k: v for k, v in settings.items() if k != "equal_tokens" or v != GPT2_KEYS[k]}
+    key = _run_key(recipe, {**keyed, "budget": budget, "ref_tokens": ref_tokens, "runs": "one"})
     record = cached_record(stores, "gpt2", key)
     if record is not None and not (args.only is not None and "gpt2" in args.only):
         say("gpt2: reusing its finished record")
@@ -897,7 +903,9 @@ def gpt2_run(recipe, args, stores, reference, ref_record, train_set, dev, valid,
             return False  # the stop below ends the run
 
     def stop(tokens, seconds):
-        return tokens >= ref_tokens and (bool(converged) if settings["converge"] else seconds >= budget)
+        if settings["converge"]:
+            return bool(converged) and (tokens >= ref_tokens or not settings["equal_tokens"])
+        return tokens >= ref_tokens and seconds >= budget
 
     progress = run_progress(stores, "gpt2", key, args)
     trained = run_training("gpt2", model, gpt2_loss, train_set, {**settings, "seed": recipe["seed"]}, valid, marks,

@@ -133,9 +133,9 @@ def test_training_runs_rebuild_the_token_stream(tmp_path):
     assert runs == [tokenizer(document, add_special_tokens=False)["input_ids"] for document in documents]
 
 
-def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path):
-    """Runs of `epochs` are evaluated at every epoch end and stop once the development samples (set aside from
-    training) improve by less than min_improvement, from min_epochs on; GPT-2 follows the same rule."""
+def _epoch_study(tmp_path, brillm, gpt2):
+    """``study(*extra_args)``: runs quality.py (no KenLM) on a small repetitive character corpus, 6 development
+    samples, with the recipe's ``brillm`` run and ``gpt2`` settings (YAML flow mappings); returns its stdout."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     lines = [f"the {w} sat on the {v} mat and the {v} cat ran.\n" for w in ("cat", "dog", "owl") for v in ("red", "big")]
@@ -147,10 +147,9 @@ def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path
         "tokenizer: char\nseq_len: 16\neval_samples: 0\ndev_samples: 6\ncurve_points: 2\n"
         "convergence: {min_epochs: 2, min_improvement: 0.05}\n"
         "brillm_defaults: {hidden_size: 4, learning_rate: 0.05, batch_size: 4, lr_scheduler_type: cosine, warmup_steps: 2}\n"
-        "brillm:\n  - {name: b, reference: true, curve: true, epochs: 8, converge: true}\n"
-        "gpt2: {n_embd: 16, n_layer: 1, n_head: 1, learning_rate: 0.01, warmup_steps: 2, max_seconds: 0.1, epochs: 3, "
-        "converge: true}\n"
+        f"brillm:\n  - {brillm}\ngpt2: {gpt2}\n"
     )
+
     def study(*extra):
         result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), "--config", str(recipe),
                                  "--skip-kenlm", "--records", str(tmp_path / "records"), *extra],
@@ -158,6 +157,15 @@ def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result.stdout
 
+    return study
+
+
+def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path):
+    """Runs of `epochs` are evaluated at every epoch end and stop once the development samples (set aside from
+    training) improve by less than min_improvement, from min_epochs on; GPT-2 follows the same rule."""
+    study = _epoch_study(tmp_path, "{name: b, reference: true, curve: true, epochs: 8, converge: true}",
+                         "{n_embd: 16, n_layer: 1, n_head: 1, learning_rate: 0.01, warmup_steps: 2, max_seconds: 0.1, "
+                         "epochs: 3, converge: true}")  # fmt: skip
     study_log = study()
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = {row["name"]: row for row in results["rows"]}
@@ -197,6 +205,21 @@ def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path
     again = study("--output-dir", str(tmp_path / "elsewhere"))
     assert "b: reusing its finished record" in again and "gpt2: reusing its finished record" in again
     assert json.loads((tmp_path / "elsewhere" / "results.json").read_text())["rows"] == results["rows"]
+
+
+def test_a_gpt2_without_equal_tokens_stops_at_its_epoch_cap(tmp_path):
+    """With `equal_tokens: false` a GPT-2 whose epoch cap ends before the reference's tokens stops there: no
+    equal-tokens row, and its last row is its cap's epoch end."""
+    study = _epoch_study(tmp_path, "{name: b, reference: true, epochs: 3}",
+                         "{n_embd: 16, n_layer: 1, n_head: 1, learning_rate: 0.01, warmup_steps: 2, max_seconds: 0.01, "
+                         "epochs: 1, converge: true, equal_tokens: false}")  # fmt: skip
+    study()
+    rows = {row["name"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    capped = rows["gpt2 (1-epoch cap, not converged)"]
+    assert capped["epochs"] == 1 and len(capped["development"]["bits_per_char"]) == 1
+    assert 3 * capped["train_tokens"] == rows["b"]["train_tokens"]  # the same batches: a third of the reference's
+    assert [point["tokens"] for point in capped["curve"]][-1] == capped["train_tokens"]  # it trained no further
+    assert "gpt2 (equal tokens)" not in rows
 
 
 @pytest.mark.parametrize("every_seconds", [0.0, None])
