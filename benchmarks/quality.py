@@ -887,8 +887,10 @@ def gpt2_run(recipe, args, stores, reference, ref_record, train_set, dev, valid,
         say("gpt2: reusing its finished record")
         return record
     model = gpt2_model(settings, vocab_size, recipe["seq_len"], recipe["seed"])
+    short = "" if settings["equal_tokens"] else ", not to equal tokens"
+    goal = f"convergence (at most {settings['epochs']} epochs{short})"
     say(f"gpt2: {model.num_parameters():,} parameters; equal tokens {ref_tokens}, equal wall-clock {budget:.0f} s"
-        f"{', then to convergence' if settings['converge'] else ''}")  # fmt: skip
+        f"{', then to ' + goal if settings['converge'] else ''}")  # fmt: skip
     # The reference's evaluation points (the same batches give the same token counts), then doublings.
     marks = [point["tokens"] for point in ref_record["curve"]] + [ref_tokens * 2**k for k in range(1, 16)]
     # Under a constant learning rate after warm-up the model after N steps of a longer run is the model of a run
