@@ -174,6 +174,8 @@ def load_recipe(path):
         raise ValueError(f"{path}: unknown gpt2 keys {sorted(bad)}; allowed: {sorted(GPT2_KEYS)}")
     recipe["gpt2"] = {**GPT2_KEYS, **(recipe["gpt2"] or {})}
     _check_convergence(path, recipe["gpt2"], recipe)
+    if not (recipe["gpt2"]["equal_tokens"] or recipe["gpt2"]["converge"]):
+        raise ValueError(f"{path}: gpt2: equal_tokens: false needs converge (its epoch cap is where it stops).")
     return recipe
 
 

@@ -112,6 +112,10 @@ def test_the_quality_recipes_in_the_repo_parse_and_typos_are_refused(tmp_path):
     bad.write_text(QUICK.read_text(encoding="utf-8").replace("seq_len:", "seq_lenght:"), encoding="utf-8")
     with pytest.raises(ValueError, match="seq_lenght"):
         quality.load_recipe(bad)
+    # An option that would be ignored is refused: without converge GPT-2 has no epoch cap to stop at.
+    bad.write_text(QUICK.read_text(encoding="utf-8") + "  equal_tokens: false\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="equal_tokens: false needs converge"):
+        quality.load_recipe(bad)
 
 
 def test_training_runs_rebuild_the_token_stream(tmp_path):
