@@ -462,9 +462,10 @@ def convergence_check(dev, eval_batch_size, min_epochs, min_improvement, max_epo
     return check, history
 
 
-def training_limits(run, recipe, num_samples, dev):
+def training_limits(run, recipe, train_set, dev):
     """``(stop, num_steps, epoch_check, dev_history)`` of a run: by tokens (``train_tokens``, ``max_seconds``) or
     by epochs (``epochs``, with the convergence rule when ``converge``)."""
+    num_samples = len(train_set["input_ids"])
     if run["epochs"]:
         num_steps = run["epochs"] * (num_samples // run["batch_size"])
         if dev is None:  # no development set (so no convergence rule): just the epochs
@@ -474,12 +475,26 @@ def training_limits(run, recipe, num_samples, dev):
                                            min_improvement, run["epochs"])  # fmt: skip
         return (lambda tokens, seconds: False), num_steps, check, history
     limit_tokens, limit_seconds = run["train_tokens"], run["max_seconds"]
-    num_steps = math.ceil(limit_tokens / (run["batch_size"] * recipe["seq_len"]))
+    num_steps = steps_to_tokens(train_set["attention_mask"], run["batch_size"], recipe["seed"], limit_tokens)
 
     def stop(tokens, seconds):
         return tokens >= limit_tokens or (limit_seconds is not None and seconds >= limit_seconds)
 
     return stop, num_steps, None, None
+
+
+def steps_to_tokens(mask, batch_size, seed, tokens):
+    """The steps `batch_stream` takes to pass ``tokens`` real tokens: the length of a token-budget run's schedule
+    (padded samples hold fewer than ``seq_len``, so the schedule ends where the run does, not before)."""
+    from modeling_brillm.train import batch_stream
+
+    per_sample = mask.sum(dim=1).tolist()
+    seen, steps = 0, 0
+    for _, _, rows, _ in batch_stream(len(per_sample), batch_size, seed):
+        seen += sum(per_sample[row] for row in rows)
+        steps += 1
+        if seen >= tokens:
+            return steps
 
 
 def brillm_model(run, graph_counts, tokenizer, vocab_size, seed):
@@ -839,7 +854,7 @@ def brillm_runs(recipe, args, stores, train_set, dev, valid, primary, graph_coun
         milestones = [round(f * run["train_tokens"]) for f in fractions] if run["curve"] else [run["train_tokens"]]
         milestones = [] if run["epochs"] else milestones  # an epoch run is evaluated at every epoch end
         positions_before = model.base_model.positions.detach().clone()
-        stop, num_steps, epoch_check, dev_history = training_limits(run, recipe, len(train_set["input_ids"]), dev)
+        stop, num_steps, epoch_check, dev_history = training_limits(run, recipe, train_set, dev)
         progress = run_progress(stores, run["name"], key, args)
         trained = run_training(run["name"], model, brillm_loss(run, successors), train_set,
                                {**run, "seed": recipe["seed"]}, valid, milestones, recipe["eval_batch_size"], primary,
@@ -899,7 +914,7 @@ def gpt2_run(recipe, args, stores, reference, ref_record, train_set, dev, valid,
     # that stops at N, so one run serves every comparison. run_training refuses a schedule that needs a length.
     converged, epoch_check, history = {}, None, None
     if settings["converge"]:
-        _, _, check, history = training_limits(settings, recipe, len(train_set["input_ids"]), dev)
+        _, _, check, history = training_limits(settings, recipe, train_set, dev)
 
         def epoch_check(epochs_done, model):
             if not converged and check(epochs_done, model):

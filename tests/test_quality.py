@@ -164,6 +164,27 @@ def _epoch_study(tmp_path, brillm, gpt2):
     return study
 
 
+def test_a_token_budget_schedule_ends_where_the_run_stops():
+    """A run by `train_tokens` stops at the first step whose real tokens reach the budget; its learning-rate
+    schedule is exactly that many steps long, also when padded samples hold fewer than seq_len tokens."""
+    import torch
+
+    from modeling_brillm.train import batch_stream
+
+    quality = _quality_module()
+    lengths = torch.tensor([8, 3, 5, 8, 2, 7, 1, 8, 4, 6, 8])
+    mask = (torch.arange(8) < lengths[:, None]).long()
+    for budget in (1, 17, 40, int(lengths.sum()), 3 * int(lengths.sum()) + 5):
+        steps = quality.steps_to_tokens(mask, 3, 0, budget)
+        stream = batch_stream(len(mask), 3, 0)
+        passed = [int(mask[next(stream)[2]].sum()) for _ in range(steps)]
+        assert sum(passed[:-1]) < budget <= sum(passed), budget
+    run = {**quality.BRILLM_KEYS, "train_tokens": 60, "batch_size": 3}
+    stop, num_steps, _, _ = quality.training_limits(run, {"seed": 0, "seq_len": 8}, {"input_ids": mask, "attention_mask": mask}, None)
+    assert num_steps == quality.steps_to_tokens(mask, 3, 0, 60) > math.ceil(60 / (3 * 8))  # padding: more steps
+    assert stop(60, 0.0) and not stop(59, 0.0)
+
+
 def test_epoch_runs_stop_by_the_convergence_rule_on_the_development_set(tmp_path):
     """Runs of `epochs` are evaluated at every epoch end and stop once the development samples (set aside from
     training) improve by less than min_improvement, from min_epochs on; GPT-2 follows the same rule."""
