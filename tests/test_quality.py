@@ -180,7 +180,8 @@ def test_a_token_budget_schedule_ends_where_the_run_stops():
         passed = [int(mask[next(stream)[2]].sum()) for _ in range(steps)]
         assert sum(passed[:-1]) < budget <= sum(passed), budget
     run = {**quality.BRILLM_KEYS, "train_tokens": 60, "batch_size": 3}
-    stop, num_steps, _, _ = quality.training_limits(run, {"seed": 0, "seq_len": 8}, {"input_ids": mask, "attention_mask": mask}, None)
+    train_set = {"input_ids": mask, "attention_mask": mask}
+    stop, num_steps, _, _ = quality.training_limits(run, {"seed": 0}, train_set, None)
     assert num_steps == quality.steps_to_tokens(mask, 3, 0, 60) > math.ceil(60 / (3 * 8))  # padding: more steps
     assert stop(60, 0.0) and not stop(59, 0.0)
 
