@@ -1,12 +1,14 @@
 """How good is BriLLM really: BriLLM against KenLM n-grams and a small GPT-2, on the same tokens.
 
-    python benchmarks/quality.py --config configuration/quality/quick.yaml   # bundled corpus, ~30 s (CI smoke test)
-    python benchmarks/quality.py --config configuration/quality/full.yaml    # prepared English corpus, ~1 h
-    python benchmarks/quality.py --config configuration/quality/zh.yaml      # People's Daily to convergence, ~2 h 52 min (BriLLM 1.4 h)
-    python benchmarks/quality.py --config configuration/quality/zh-poetry.yaml   # Chinese poems at a fixed budget, ~1.4 h
-    python benchmarks/quality.py --config configuration/quality/en.yaml      # English BPE to convergence, ~4 h 25 min (BriLLM 2.6 h, GPT-2 1.8 h)
-    python benchmarks/quality.py --install-kenlm                             # only build KenLM (apt + cmake, ~2 min)
+    python benchmarks/quality.py --config configuration/quality/quick.yaml       # bundled corpus (CI smoke test)
+    python benchmarks/quality.py --config configuration/quality/full.yaml        # prepared English corpus, a snapshot
+    python benchmarks/quality.py --config configuration/quality/zh.yaml          # People's Daily to convergence
+    python benchmarks/quality.py --config configuration/quality/zh-poetry.yaml   # Chinese poems at a fixed budget
+    python benchmarks/quality.py --config configuration/quality/en.yaml          # English BPE to convergence
+    python benchmarks/quality.py --install-kenlm                                 # only build KenLM (apt + cmake, ~2 min)
     python benchmarks/quality.py --figure docs/quality-en.png outputs/quality/en-char outputs/quality/en   # one figure
+
+What a recipe takes on 2 CPU cores is measured and stated in one place: its header.
 
 One recipe (``configuration/quality/*.yaml``) names a corpus folder (``train.txt`` + ``valid.txt``, as
 ``brillm prepare-corpus`` writes), the tokenizer and the runs. The script
